@@ -1,0 +1,26 @@
+"""Scan adapters, one module per framework, imported only when an input needs it.
+
+Each adapter module provides:
+
+* ``NAME``: the backend's name;
+* ``scan(step, init, xs, *, reverse=False)``: the :class:`ctc_multi.scan.Scan` protocol;
+* ``is_concrete(x)``: whether the values of ``x`` can be read now (False inside a JAX trace);
+* ``INDEX_DTYPE_NAME``: the integer dtype its gathers want for indices.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from array_api_compat import is_jax_namespace, is_torch_namespace
+
+
+def backend_for(xp) -> ModuleType:
+    """The adapter module serving array namespace ``xp`` (NumPy's serves every other namespace)."""
+    if is_jax_namespace(xp):
+        from . import jax as backend
+    elif is_torch_namespace(xp):
+        from . import torch as backend
+    else:
+        from . import numpy as backend
+    return backend

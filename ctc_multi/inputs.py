@@ -1,0 +1,156 @@
+"""Checking and normalising the arguments of the public functions, before any recursion runs.
+
+The namespace and device of ``logits`` decide where everything runs; the other arguments are
+converted to it when they come from elsewhere (a NumPy label array beside JAX logits, say).
+Shape, rank and dtype checks always run. Value checks (label range, right padding, 0/1
+paddings) run whenever the values can be read: always for NumPy and torch, and for JAX outside
+``jax.jit`` / ``jax.vmap`` tracing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+from array_api_compat import array_namespace, device
+
+from .backends import backend_for
+
+Array = Any
+
+
+@dataclass(frozen=True)
+class CTCInputs:
+    """Validated inputs: ``logits`` in the compute dtype, paddings as bool arrays."""
+
+    xp: ModuleType
+    backend: ModuleType
+    logits: Array  # (B, T, K) float32 or float64
+    logit_padded: Array  # (B, T) bool
+    labels: Array  # (B, N) integer
+    label_padded: Array  # (B, N) bool
+    blank_id: int
+    log_epsilon: float
+
+    @property
+    def index_dtype(self):
+        return getattr(self.xp, self.backend.INDEX_DTYPE_NAME)
+
+
+def namespace_of(logits: Array) -> tuple[ModuleType, Array]:
+    """The array namespace of ``logits``; anything that is not an array becomes a NumPy array."""
+    try:
+        return array_namespace(logits), logits
+    except TypeError:
+        import numpy as np
+
+        logits = np.asarray(logits)
+        return array_namespace(logits), logits
+
+
+def _convert_like(xp, reference: Array, x: Array) -> Array:
+    try:
+        array_namespace(reference, x)
+        return x
+    except TypeError:
+        return xp.asarray(x, device=device(reference))
+
+
+def compute_dtype(xp, dtype, name: str = "logits"):
+    """float32 and float64 stay; narrower floats (float16, bfloat16) are computed in float32."""
+    if dtype in (xp.float32, xp.float64):
+        return dtype
+    if xp.isdtype(dtype, "real floating"):
+        return xp.float32
+    raise ValueError(f"{name} must be a real floating-point array; got dtype {dtype}")
+
+
+def _check_shape(name: str, actual: tuple, expected: tuple, why: str) -> None:
+    if tuple(actual) != tuple(expected):
+        raise ValueError(f"{name} must have shape {tuple(expected)} {why}; got {tuple(actual)}")
+
+
+def _check_rank(name: str, x: Array, rank: int, layout: str) -> None:
+    if x.ndim != rank:
+        raise ValueError(f"{name} must be a {layout}-array (rank {rank}); got shape {tuple(x.shape)}")
+
+
+def _as_padding_mask(xp, name: str, paddings: Array, concrete: bool) -> Array:
+    if paddings.dtype == xp.bool:
+        return paddings
+    if not (xp.isdtype(paddings.dtype, "integral") or xp.isdtype(paddings.dtype, "real floating")):
+        raise ValueError(f"{name} must hold 0/1 values as bool, int or float; got dtype {paddings.dtype}")
+    if concrete and bool(xp.any((paddings != 0) & (paddings != 1))):
+        raise ValueError(f"{name} must contain only 0 (valid) and 1 (padded)")
+    return paddings != 0
+
+
+def _as_blank_id(blank_id, num_classes: int) -> int:
+    if isinstance(blank_id, bool) or not hasattr(blank_id, "__index__"):
+        raise ValueError(f"blank_id must be an integer; got {blank_id!r}")
+    blank_id = int(blank_id.__index__())
+    if not 0 <= blank_id < num_classes:
+        raise ValueError(f"blank_id must be in [0, K) = [0, {num_classes}); got {blank_id}")
+    return blank_id
+
+
+def _as_log_epsilon(log_epsilon) -> float:
+    try:
+        value = float(log_epsilon)
+    except Exception as error:  # a tracer, a string, an array of several values ...
+        raise ValueError(f"log_epsilon must be a Python number; got {log_epsilon!r}") from error
+    if not (math.isfinite(value) and value < 0):
+        raise ValueError(f"log_epsilon must be finite and negative (it stands for log 0); got {value}")
+    return value
+
+
+def check_inputs(logits, logit_paddings, labels, label_paddings, *, blank_id, log_epsilon) -> CTCInputs:
+    """Validate the four arrays and two options of the CTC functions; see ``ctc_loss_with_forward_probs``."""
+    xp, logits = namespace_of(logits)
+    backend = backend_for(xp)
+    logit_paddings = _convert_like(xp, logits, logit_paddings)
+    labels = _convert_like(xp, logits, labels)
+    label_paddings = _convert_like(xp, logits, label_paddings)
+
+    _check_rank("logits", logits, 3, "(B, T, K)")
+    _check_rank("labels", labels, 2, "(B, N)")
+    batch, frames, num_classes = logits.shape
+    _check_shape("logit_paddings", logit_paddings.shape, (batch, frames), "(B, T) to match logits (B, T, K)")
+    if labels.shape[0] != batch:
+        raise ValueError(f"labels must have batch size B = {batch} like logits; got shape {tuple(labels.shape)}")
+    _check_shape("label_paddings", label_paddings.shape, labels.shape, "(B, N) to match labels")
+    if num_classes < 1:
+        raise ValueError(f"logits must have at least one class (K >= 1); got shape {tuple(logits.shape)}")
+    if frames < 1:
+        raise ValueError(f"logits must have at least one frame (T >= 1); got shape {tuple(logits.shape)}")
+    blank_id = _as_blank_id(blank_id, num_classes)
+    log_epsilon = _as_log_epsilon(log_epsilon)
+    dtype = compute_dtype(xp, logits.dtype)
+    if not xp.isdtype(labels.dtype, "integral"):
+        raise ValueError(f"labels must be an integer array; got dtype {labels.dtype}")
+
+    concrete = all(backend.is_concrete(x) for x in (logit_paddings, labels, label_paddings))
+    logit_padded = _as_padding_mask(xp, "logit_paddings", logit_paddings, concrete)
+    label_padded = _as_padding_mask(xp, "label_paddings", label_paddings, concrete)
+    if concrete:
+        _check_label_values(xp, labels, label_padded, num_classes)
+    return CTCInputs(
+        xp=xp,
+        backend=backend,
+        logits=xp.astype(logits, dtype),
+        logit_padded=logit_padded,
+        labels=labels,
+        label_padded=label_padded,
+        blank_id=blank_id,
+        log_epsilon=log_epsilon,
+    )
+
+
+def _check_label_values(xp, labels: Array, label_padded: Array, num_classes: int) -> None:
+    bad = ~label_padded & ((labels < 0) | (labels >= num_classes))
+    if bool(xp.any(bad)):
+        raise ValueError(f"labels must lie in [0, K) = [0, {num_classes}) wherever label_paddings is 0")
+    if labels.shape[1] > 1 and bool(xp.any(label_padded[:, :-1] & ~label_padded[:, 1:])):
+        raise ValueError("label_paddings must be right-padded: in each row, zeros (labels) and then ones (padding)")

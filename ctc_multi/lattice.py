@@ -1,0 +1,267 @@
+"""The CTC recursion over the blank-extended label lattice, written once against ``xp``.
+
+Graves et al. (2006), section 4.1. A label sequence ``l`` of length ``N`` is extended with
+blanks to ``S = 2N + 1`` states: even states ``s = 2n`` are "blank after n labels", odd states
+``s = 2n + 1`` emit label ``n``. Going forward in time a path may stay on its state, move to
+the next one, or jump over a blank (``s - 2 -> s``) when the two labels around it differ.
+
+Everything here is written against an array namespace ``xp`` (numpy, jax.numpy, torch via
+array-api-compat, array_api_strict ...) and contains no Python branch on array values, so the
+same functions run under ``jax.jit`` and in a torch or NumPy loop. The recursion is driven by
+a :mod:`ctc_multi.scan` adapter, never by a loop written here.
+
+Numerics, shared by every backend:
+
+* log space, with the state vector renormalised at every frame (its maximum subtracted); the
+  per-frame shifts are summed with a compensated (two-sum) accumulator, so a float32 loss over
+  thousands of frames keeps float32 relative accuracy instead of losing digits to a large
+  running log value;
+* "log 0" is the finite ``log_epsilon`` (optax's convention), so no ``-inf - -inf`` can make
+  NaN; emissions are clamped to at least ``log_epsilon`` for the same reason;
+* padded frames are replaced by zeros *before* the log-softmax, so NaN or inf stored there
+  cannot reach the loss, the alphas of valid frames or the gradients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .scan import Scan
+
+Array = Any
+
+
+@dataclass(frozen=True)
+class Lattice:
+    """The per-batch inputs of the recursion, all on the device of the logits.
+
+    Attributes:
+      log_emissions: (T, B, S) log-probability that state ``s`` emits at frame ``t``.
+      frame_padded: (T, B) bool, True on padded frames (the recursion carries its state over).
+      skip_allowed: (B, S) bool, True where the jump ``s - 2 -> s`` is allowed.
+      label_lengths: (B,) int, number of unpadded labels ``L``.
+      log_epsilon: the finite stand-in for log(0).
+    """
+
+    log_emissions: Array
+    frame_padded: Array
+    skip_allowed: Array
+    label_lengths: Array
+    log_epsilon: float
+
+
+class LogSemiring:
+    """Sum over paths (the CTC loss): ``log(exp(a) + exp(b) + exp(c))``."""
+
+    @staticmethod
+    def combine(xp, stay, advance, skip):
+        peak = xp.maximum(xp.maximum(stay, advance), skip)
+        total = xp.exp(stay - peak) + xp.exp(advance - peak) + xp.exp(skip - peak)
+        return peak + xp.log(total), None
+
+
+class MaxSemiring:
+    """Best single path (Viterbi): the maximum, and which move gave it (0 stay, 1 advance, 2 skip).
+
+    Ties go to the shorter move (stay before advance before skip), so paths are deterministic.
+    """
+
+    @staticmethod
+    def combine(xp, stay, advance, skip):
+        best = xp.maximum(xp.maximum(stay, advance), skip)
+        move = xp.where(stay >= best, 0, xp.where(advance >= best, 1, 2))
+        return best, xp.astype(move, xp.int8)
+
+
+def log_softmax(xp, logits: Array) -> Array:
+    """(…, K) -> (…, K) log-softmax over the last axis, safe for rows that are all -inf."""
+    peak = xp.max(logits, axis=-1, keepdims=True)
+    peak = xp.where(xp.isfinite(peak), peak, xp.zeros_like(peak))
+    shifted = logits - peak
+    return shifted - xp.log(xp.sum(xp.exp(shifted), axis=-1, keepdims=True))
+
+
+def interleave_with_blanks(xp, per_label: Array, blank_value) -> Array:
+    """(B, N) values of the labels -> (B, 2N + 1) values of the lattice states."""
+    batch, num_labels = per_label.shape
+    blanks = xp.full((batch, num_labels + 1), blank_value, dtype=per_label.dtype, device=_device(per_label))
+    pairs = xp.stack([blanks[:, :num_labels], per_label], axis=2)
+    return xp.concat([xp.reshape(pairs, (batch, 2 * num_labels)), blanks[:, num_labels:]], axis=1)
+
+
+def build_lattice(
+    xp,
+    logits: Array,
+    logit_padded: Array,
+    labels: Array,
+    label_padded: Array,
+    *,
+    blank_id: int,
+    log_epsilon: float,
+    index_dtype,
+) -> Lattice:
+    """Gather what the recursion needs from validated inputs.
+
+    Args:
+      logits: (B, T, K) floating array, in the dtype the recursion runs in.
+      logit_padded: (B, T) bool.
+      labels: (B, N) integer array, right-padded.
+      label_padded: (B, N) bool.
+    """
+    num_classes = logits.shape[2]
+    clean_logits = xp.where(logit_padded[:, :, None], xp.zeros_like(logits), logits)
+    log_probs = log_softmax(xp, clean_logits)
+
+    # An indexed gather costs B*T*S; optax's one-hot einsum costs B*T*K*N (and TF32 on GPUs).
+    in_range = (labels >= 0) & (labels < num_classes)
+    class_ids = interleave_with_blanks(xp, xp.clip(labels, 0, num_classes - 1), blank_id)
+    class_ids = xp.astype(class_ids, index_dtype)
+    gathered = xp.take_along_axis(log_probs, class_ids[:, None, :], axis=2)  # (B, T, S)
+
+    # Labels outside [0, K) emit like optax's all-zero one-hot row (log-prob 0) where padded;
+    # unpadded ones (caught by validation whenever values are concrete) make the path impossible.
+    missing = interleave_with_blanks(xp, ~in_range, False)
+    stand_in = xp.where(label_padded, xp.zeros_like(logits[:, 0, :1]), xp.full_like(logits[:, 0, :1], log_epsilon))
+    stand_in = interleave_with_blanks(xp, stand_in, 0.0)
+    gathered = xp.where(missing[:, None, :], stand_in[:, None, :], gathered)
+    gathered = xp.maximum(gathered, xp.full_like(gathered[:1, :1, :1], log_epsilon))
+
+    differs_from_previous = labels[:, 1:] != labels[:, :-1]
+    no_skip = xp.zeros_like(label_padded[:, :1])
+    skip_into_label = xp.concat([no_skip, differs_from_previous], axis=1)
+    num_labels = labels.shape[1]
+    label_lengths = num_labels - xp.sum(xp.astype(label_padded, xp.int32), axis=1)
+    return Lattice(
+        log_emissions=xp.permute_dims(gathered, (1, 0, 2)),
+        frame_padded=xp.permute_dims(logit_padded, (1, 0)),
+        skip_allowed=interleave_with_blanks(xp, skip_into_label, False),
+        label_lengths=label_lengths,
+        log_epsilon=log_epsilon,
+    )
+
+
+def _device(x: Array):
+    from array_api_compat import device
+
+    return device(x)
+
+
+def _accumulate(hi: Array, lo: Array, value: Array) -> tuple[Array, Array]:
+    """Compensated sum (Knuth's two-sum): hi + lo is the running total, lo its rounding error."""
+    total = hi + value
+    back = total - hi
+    error = (hi - (total - back)) + (value - back)
+    return total, lo + error
+
+
+def _shift(xp, values: Array, fill: Array, steps: int, toward_higher: bool) -> Array:
+    """Move values ``steps`` states along the lattice, filling the vacated states with ``fill``."""
+    num_states = values.shape[1]
+    if steps >= num_states:
+        return fill
+    if toward_higher:
+        return xp.concat([fill[:, :steps], values[:, : num_states - steps]], axis=1)
+    return xp.concat([values[:, steps:], fill[:, :steps]], axis=1)
+
+
+def make_lattice_step(xp, *, semiring, skip_allowed: Array, log_epsilon: float, reverse: bool, keep_history: bool) -> Callable:
+    """The one step of the CTC recursion, for the scan.
+
+    carry: (log_state (B, S) with maximum 0, offset_hi (B,), offset_lo (B,)); the true log
+    value of a state is ``log_state + offset_lo + offset_hi``.
+    frame: (log_emissions (B, S), padded (B,)).
+
+    Forward (``reverse=False``) it computes alpha_t(s) = y_t(s) * (alpha_{t-1}(s) +
+    alpha_{t-1}(s-1) + [skip] alpha_{t-1}(s-2)); backward it computes the mirror beta_t(s) =
+    y_t(s) * (beta_{t+1}(s) + beta_{t+1}(s+1) + [skip] beta_{t+1}(s+2)), where the skip mask is
+    the forward one moved two states down. Both include the emission of frame t.
+    Outputs per frame: the new carry (``keep_history``) and the semiring's choices, if any.
+    """
+    if reverse:
+        skip_allowed = _shift(xp, skip_allowed, xp.zeros_like(skip_allowed), 2, toward_higher=False)
+
+    def step(carry, frame):
+        log_state, offset_hi, offset_lo = carry
+        log_emissions, padded = frame
+        fill = xp.full_like(log_state, log_epsilon)
+        advance = _shift(xp, log_state, fill, 1, toward_higher=not reverse)
+        skip = xp.where(skip_allowed, _shift(xp, log_state, fill, 2, toward_higher=not reverse), fill)
+        combined, choice = semiring.combine(xp, log_state, advance, skip)
+        updated = xp.where(padded[:, None], log_state, combined + log_emissions)
+        peak = xp.max(updated, axis=1)
+        updated = updated - peak[:, None]
+        offset_hi, offset_lo = _accumulate(offset_hi, offset_lo, peak)
+        new_carry = (updated, offset_hi, offset_lo)
+        history = new_carry if keep_history else None
+        return new_carry, (history, choice)
+
+    return step
+
+
+def initial_state(xp, lattice: Lattice, *, reverse: bool) -> tuple[Array, Array, Array]:
+    """The state before the first frame (forward) or after the last one (backward).
+
+    Forward: all paths start in state 0. Backward: all paths end in state 2L (final blank) or
+    2L - 1 (final label), L being each sequence's label length.
+    """
+    template = lattice.log_emissions[0]
+    batch, num_states = template.shape
+    state_ids = xp.arange(num_states, device=_device(template))[None, :]
+    if reverse:
+        last = 2 * lattice.label_lengths[:, None]
+        is_start = (state_ids == last) | (state_ids == last - 1)
+    else:
+        is_start = state_ids == 0
+    log_state = xp.where(is_start, xp.zeros_like(template), xp.full_like(template, lattice.log_epsilon))
+    zero = xp.zeros_like(template[:, 0])
+    return log_state, zero, zero
+
+
+def run_recursion(xp, scan: Scan, lattice: Lattice, *, semiring=LogSemiring, reverse: bool = False, keep_history: bool = False):
+    """Scan the lattice step over all frames; returns (final carry, (history, choices))."""
+    step = make_lattice_step(
+        xp,
+        semiring=semiring,
+        skip_allowed=lattice.skip_allowed,
+        log_epsilon=lattice.log_epsilon,
+        reverse=reverse,
+        keep_history=keep_history,
+    )
+    init = initial_state(xp, lattice, reverse=reverse)
+    return scan(step, init, (lattice.log_emissions, lattice.frame_padded), reverse=reverse)
+
+
+def absolute(xp, log_state: Array, offset_hi: Array, offset_lo: Array) -> Array:
+    """Undo the per-frame renormalisation: (…, S) states plus their (…,) offsets."""
+    return (log_state + offset_lo[..., None]) + offset_hi[..., None]
+
+
+def blank_row_with_final_labels(xp, log_state: Array) -> Array:
+    """optax's last-row convention: blank entry n also holds the paths that end on label n.
+
+    (…, S) -> (…, N + 1): entry n is log P(exactly n labels emitted so far).
+    """
+    blanks = log_state[..., 0::2]
+    finished_labels = xp.logaddexp(blanks[..., 1:], log_state[..., 1::2])
+    return xp.concat([blanks[..., :1], finished_labels], axis=-1)
+
+
+def loss_from_final_state(xp, lattice: Lattice, final_carry, index_dtype) -> Array:
+    """(B,) negative log-likelihood of each label sequence, never below zero."""
+    log_state, offset_hi, offset_lo = final_carry
+    per_length = blank_row_with_final_labels(xp, log_state)
+    lengths = xp.astype(lattice.label_lengths, index_dtype)[:, None]
+    log_likelihood = xp.take_along_axis(per_length, lengths, axis=1)[:, 0]
+    loss = -((log_likelihood + offset_lo) + offset_hi)
+    # A probability is at most one; a rounding-level negative value is clamped, nothing more.
+    return xp.maximum(loss, xp.zeros_like(loss))
+
+
+def forward_probs_from_history(xp, history) -> tuple[Array, Array]:
+    """optax's (logalpha_blank (T, B, N + 1), logalpha_nonblank (T, B, N)) from the scan history."""
+    log_alpha = absolute(xp, *history)
+    blank = log_alpha[..., 0::2]
+    last_row = blank_row_with_final_labels(xp, log_alpha[-1])
+    blank = xp.concat([blank[:-1], last_row[None]], axis=0)
+    return blank, log_alpha[..., 1::2]
