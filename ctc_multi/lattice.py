@@ -37,6 +37,12 @@ class Lattice:
     """The per-batch inputs of the recursion, all on the device of the logits.
 
     Attributes:
+      log_probs: (B, T, K) log-softmax of the logits (zeros in, uniform out, on padded frames).
+      logit_padded: (B, T) bool, True on padded frames.
+      state_classes: (B, S) class id each lattice state emits (clipped into [0, K)).
+      state_is_real: (B, S) bool, False for the states of padded labels.
+      feasible: (B,) bool, whether the valid frames can hold the labels and the blanks that
+        must separate repeated labels.
       log_emissions: (T, B, S) log-probability that state ``s`` emits at frame ``t``.
       frame_padded: (T, B) bool, True on padded frames (the recursion carries its state over).
       skip_allowed: (B, S) bool, True where the jump ``s - 2 -> s`` is allowed.
@@ -44,6 +50,11 @@ class Lattice:
       log_epsilon: the finite stand-in for log(0).
     """
 
+    log_probs: Array
+    logit_padded: Array
+    state_classes: Array
+    state_is_real: Array
+    feasible: Array
     log_emissions: Array
     frame_padded: Array
     skip_allowed: Array
@@ -132,7 +143,14 @@ def build_lattice(
     skip_into_label = xp.concat([no_skip, differs_from_previous], axis=1)
     num_labels = labels.shape[1]
     label_lengths = num_labels - xp.sum(xp.astype(label_padded, xp.int32), axis=1)
+    repeats = xp.sum(xp.astype(~differs_from_previous & ~label_padded[:, 1:], xp.int32), axis=1)
+    valid_frames = logits.shape[1] - xp.sum(xp.astype(logit_padded, xp.int32), axis=1)
     return Lattice(
+        log_probs=log_probs,
+        logit_padded=logit_padded,
+        state_classes=class_ids,
+        state_is_real=interleave_with_blanks(xp, ~label_padded, True),
+        feasible=label_lengths + repeats <= valid_frames,
         log_emissions=xp.permute_dims(gathered, (1, 0, 2)),
         frame_padded=xp.permute_dims(logit_padded, (1, 0)),
         skip_allowed=interleave_with_blanks(xp, skip_into_label, False),
@@ -202,17 +220,16 @@ def make_lattice_step(xp, *, semiring, skip_allowed: Array, log_epsilon: float, 
 def initial_state(xp, lattice: Lattice, *, reverse: bool) -> tuple[Array, Array, Array]:
     """The state before the first frame (forward) or after the last one (backward).
 
-    Forward: all paths start in state 0. Backward: all paths end in state 2L (final blank) or
-    2L - 1 (final label), L being each sequence's label length.
+    Forward: a virtual frame before the first one, where every path sits in state 0 (so
+    frame 0 can start on the first blank or, advancing, on the first label). Backward, its
+    mirror: a virtual frame after the last one in state 2L (L the label length), from which
+    the last frame can end on the final blank or, advancing, on the final label.
     """
-    template = lattice.log_emissions[0]
+    template = lattice.log_emissions[0, ...]
     batch, num_states = template.shape
     state_ids = xp.arange(num_states, device=_device(template))[None, :]
-    if reverse:
-        last = 2 * lattice.label_lengths[:, None]
-        is_start = (state_ids == last) | (state_ids == last - 1)
-    else:
-        is_start = state_ids == 0
+    start = 2 * lattice.label_lengths[:, None] if reverse else 0
+    is_start = state_ids == start
     log_state = xp.where(is_start, xp.zeros_like(template), xp.full_like(template, lattice.log_epsilon))
     zero = xp.zeros_like(template[:, 0])
     return log_state, zero, zero
@@ -262,6 +279,30 @@ def forward_probs_from_history(xp, history) -> tuple[Array, Array]:
     """optax's (logalpha_blank (T, B, N + 1), logalpha_nonblank (T, B, N)) from the scan history."""
     log_alpha = absolute(xp, *history)
     blank = log_alpha[..., 0::2]
-    last_row = blank_row_with_final_labels(xp, log_alpha[-1])
-    blank = xp.concat([blank[:-1], last_row[None]], axis=0)
+    last_row = blank_row_with_final_labels(xp, log_alpha[-1, ...])
+    blank = xp.concat([blank[:-1, ...], last_row[None, ...]], axis=0)
     return blank, log_alpha[..., 1::2]
+
+
+def state_occupancy(xp, lattice: Lattice, alpha_history: Array, beta_history: Array) -> Array:
+    """(T, B, S) probability that the path is in state s at frame t, given the labels.
+
+    Graves et al. (2006), eq. 14: alpha_t(s) beta_t(s) / y_t(s), normalised per frame. Every
+    valid frame's occupancies sum to P(l | x), so dividing by their own sum instead of by the
+    loss keeps float32 accuracy over any number of frames. Zero on padded frames.
+    """
+    log_joint = alpha_history + beta_history - lattice.log_emissions
+    log_joint = log_joint - xp.max(log_joint, axis=2, keepdims=True)
+    joint = xp.exp(log_joint)
+    occupancy = joint / xp.sum(joint, axis=2, keepdims=True)
+    return xp.where(lattice.frame_padded[:, :, None], xp.zeros_like(occupancy), occupancy)
+
+
+def logits_gradient(xp, lattice: Lattice, occupancy: Array) -> Array:
+    """(B, T, K) d loss / d logits = softmax - occupancy summed per class (eq. 16 through the softmax)."""
+    num_classes = lattice.log_probs.shape[2]
+    class_axis = xp.arange(num_classes, dtype=lattice.state_classes.dtype, device=_device(lattice.state_classes))
+    emits_class = (lattice.state_classes[:, :, None] == class_axis) & lattice.state_is_real[:, :, None]
+    per_class = xp.matmul(xp.permute_dims(occupancy, (1, 0, 2)), xp.astype(emits_class, occupancy.dtype))
+    gradient = xp.exp(lattice.log_probs) - per_class
+    return xp.where(lattice.logit_padded[:, :, None], xp.zeros_like(gradient), gradient)

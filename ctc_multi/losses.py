@@ -1,32 +1,103 @@
 """Public CTC loss functions: validate -> pick the namespace's scan -> run the recursion.
 
-The math is in :mod:`ctc_multi.lattice`; the framework-specific scans are in
-:mod:`ctc_multi.backends`. Nothing here depends on which framework the arrays come from.
+The math is in :mod:`ctc_multi.lattice`; the framework-specific scans and gradient wiring are
+in :mod:`ctc_multi.backends`. Nothing here depends on which framework the arrays come from.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from .inputs import CTCInputs, check_inputs
-from .lattice import build_lattice, forward_probs_from_history, loss_from_final_state, run_recursion
+from .lattice import (
+    build_lattice,
+    forward_probs_from_history,
+    logits_gradient,
+    loss_from_final_state,
+    run_recursion,
+    state_occupancy,
+)
 
 Array = Any
 
 DEFAULT_LOG_EPSILON = -1e5
+REDUCTIONS = ("none", "sum", "mean")
 
 
-def _lattice(inputs: CTCInputs):
-    return build_lattice(
-        inputs.xp,
-        inputs.logits,
-        inputs.logit_padded,
-        inputs.labels,
-        inputs.label_padded,
-        blank_id=inputs.blank_id,
-        log_epsilon=inputs.log_epsilon,
-        index_dtype=inputs.index_dtype,
-    )
+@dataclass(frozen=True)
+class _Problem:
+    """One validated call, as the plain functions that the backends' gradient wiring wraps.
+
+    Every function takes the arrays ``(logits, logit_padded, labels, label_padded)`` explicitly
+    (no closure over arrays), so ``jax.custom_vjp`` and ``torch.autograd.Function`` can wrap them.
+    """
+
+    inputs: CTCInputs
+    zero_infinity: bool = False
+
+    @property
+    def arrays(self):
+        i = self.inputs
+        return i.logits, i.logit_padded, i.labels, i.label_padded
+
+    def lattice(self, logits, logit_padded, labels, label_padded):
+        i = self.inputs
+        return build_lattice(
+            i.xp,
+            logits,
+            logit_padded,
+            labels,
+            label_padded,
+            blank_id=i.blank_id,
+            log_epsilon=i.log_epsilon,
+            index_dtype=i.index_dtype,
+        )
+
+    def _loss(self, lattice, final):
+        xp = self.inputs.xp
+        loss = loss_from_final_state(xp, lattice, final, self.inputs.index_dtype)
+        if self.zero_infinity:
+            loss = xp.where(lattice.feasible, loss, xp.zeros_like(loss))
+        return loss
+
+    def forward(self, *arrays):
+        """(B,) loss."""
+        lattice = self.lattice(*arrays)
+        final, _ = run_recursion(self.inputs.xp, self.inputs.backend.scan, lattice)
+        return self._loss(lattice, final)
+
+    def forward_with_residuals(self, *arrays):
+        """(B,) loss and the (T, B, S) renormalised log alphas that the backward pass needs."""
+        lattice = self.lattice(*arrays)
+        final, (history, _) = run_recursion(self.inputs.xp, self.inputs.backend.scan, lattice, keep_history=True)
+        return self._loss(lattice, final), history[0]
+
+    def backward(self, alpha_history, loss_cotangent, *arrays):
+        """(B, T, K) cotangent of the logits: the beta recursion, then eq. 16 of Graves et al."""
+        xp = self.inputs.xp
+        lattice = self.lattice(*arrays)
+        _, (beta, _) = run_recursion(xp, self.inputs.backend.scan, lattice, reverse=True, keep_history=True)
+        gradient = logits_gradient(xp, lattice, state_occupancy(xp, lattice, alpha_history, beta[0]))
+        scale = xp.astype(loss_cotangent, gradient.dtype)
+        if self.zero_infinity:
+            scale = xp.where(lattice.feasible, scale, xp.zeros_like(scale))
+        return gradient * scale[:, None, None]
+
+
+def _check_reduction(reduction) -> str:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}; got {reduction!r}")
+    return reduction
+
+
+def _reduce(xp, loss, inputs: CTCInputs, reduction: str):
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return xp.sum(loss)
+    lengths = inputs.labels.shape[1] - xp.sum(xp.astype(inputs.label_padded, loss.dtype), axis=1)
+    return xp.mean(loss / xp.maximum(lengths, xp.ones_like(lengths)))
 
 
 def ctc_loss_with_forward_probs(
@@ -76,7 +147,8 @@ def ctc_loss_with_forward_probs(
     """
     inputs = check_inputs(logits, logit_paddings, labels, label_paddings, blank_id=blank_id, log_epsilon=log_epsilon)
     xp = inputs.xp
-    lattice = _lattice(inputs)
+    problem = _Problem(inputs)
+    lattice = problem.lattice(*problem.arrays)
     final, (history, _) = run_recursion(xp, inputs.backend.scan, lattice, keep_history=True)
     loss = loss_from_final_state(xp, lattice, final, inputs.index_dtype)
     logalpha_blank, logalpha_nonblank = forward_probs_from_history(xp, history)
@@ -91,8 +163,21 @@ def ctc_loss(
     *,
     blank_id: int = 0,
     log_epsilon: float = DEFAULT_LOG_EPSILON,
+    reduction: str = "none",
+    zero_infinity: bool = False,
 ) -> Array:
-    """(B,) CTC loss per sequence; the arguments are those of :func:`ctc_loss_with_forward_probs`.
+    """CTC loss; the arguments are those of :func:`ctc_loss_with_forward_probs`, plus:
+
+    Args:
+      reduction: "none" (default, optax's behaviour): the (B,) losses; "sum": their sum;
+        "mean": torch's convention, each loss divided by its label length (at least 1), then
+        averaged over the batch.
+      zero_infinity: torch's option: when True, sequences that cannot be aligned (too few
+        valid frames for their labels and the blanks between repeated labels) get loss 0
+        and gradient 0 instead of a loss near ``-log_epsilon``.
+
+    Gradients: under ``jax.grad``/``jax.vjp`` and torch autograd, the gradient comes from the
+    explicit backward (beta) recursion, not from differentiating through the scan.
 
     Example:
       >>> import numpy as np, ctc_multi
@@ -101,7 +186,38 @@ def ctc_loss(
       >>> round(float(loss[0]), 4)
       0.2877
     """
+    _check_reduction(reduction)
     inputs = check_inputs(logits, logit_paddings, labels, label_paddings, blank_id=blank_id, log_epsilon=log_epsilon)
-    lattice = _lattice(inputs)
-    final, _ = run_recursion(inputs.xp, inputs.backend.scan, lattice, keep_history=False)
-    return loss_from_final_state(inputs.xp, lattice, final, inputs.index_dtype)
+    problem = _Problem(inputs, zero_infinity=bool(zero_infinity))
+    differentiable = inputs.backend.with_explicit_gradient(problem.forward, problem.forward_with_residuals, problem.backward)
+    return _reduce(inputs.xp, differentiable(*problem.arrays), inputs, reduction)
+
+
+def ctc_loss_and_grad(
+    logits: Array,
+    logit_paddings: Array,
+    labels: Array,
+    label_paddings: Array,
+    *,
+    blank_id: int = 0,
+    log_epsilon: float = DEFAULT_LOG_EPSILON,
+    zero_infinity: bool = False,
+) -> tuple[Array, Array]:
+    """(B,) CTC loss and its (B, T, K) gradient d sum(loss) / d logits, on every backend.
+
+    The gradient comes from the explicit alpha-beta recursion, so NumPy and any other
+    array-API namespace without autodiff get it too. Padded frames get exactly zero; each
+    valid frame's gradient sums to zero over the classes. Arguments as in :func:`ctc_loss`.
+
+    Example:
+      >>> import numpy as np, ctc_multi
+      >>> logits = np.zeros((1, 3, 2))
+      >>> loss, grad = ctc_multi.ctc_loss_and_grad(logits, np.zeros((1, 3)), np.array([[1]]), np.zeros((1, 1)))
+      >>> grad.shape, bool(abs(grad.sum()) < 1e-12)
+      ((1, 3, 2), True)
+    """
+    inputs = check_inputs(logits, logit_paddings, labels, label_paddings, blank_id=blank_id, log_epsilon=log_epsilon)
+    problem = _Problem(inputs, zero_infinity=bool(zero_infinity))
+    arrays = (inputs.backend.detach(problem.arrays[0]),) + problem.arrays[1:]
+    loss, alpha_history = problem.forward_with_residuals(*arrays)
+    return loss, problem.backward(alpha_history, inputs.xp.ones_like(loss), *arrays)

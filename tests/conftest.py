@@ -18,6 +18,9 @@ import pytest
 TOLERANCE = {
     "float64": dict(rtol=1e-9, atol=1e-9),
     "float32": dict(rtol=1e-5, atol=1e-5),
+    # d loss / d logits, against the reference's alpha-beta gradient.
+    "gradient_float64": dict(rtol=1e-8, atol=1e-8),
+    "gradient_float32": dict(rtol=1e-4, atol=1e-5),
 }
 
 

@@ -5,7 +5,12 @@ Each adapter module provides:
 * ``NAME``: the backend's name;
 * ``scan(step, init, xs, *, reverse=False)``: the :class:`ctc_multi.scan.Scan` protocol;
 * ``is_concrete(x)``: whether the values of ``x`` can be read now (False inside a JAX trace);
-* ``INDEX_DTYPE_NAME``: the integer dtype its gathers want for indices.
+* ``INDEX_DTYPE_NAME``: the integer dtype its gathers want for indices;
+* ``with_explicit_gradient(forward, forward_with_residuals, backward)``: a function of
+  ``(logits, *others)`` returning ``forward(logits, *others)`` whose gradient, where the
+  framework has autodiff, is ``backward(residuals, cotangent, logits, *others)`` (residuals from
+  ``forward_with_residuals``) instead of autodiff through the scan;
+* ``detach(x)``: ``x`` cut from any autodiff graph (explicit gradients need none).
 """
 
 from __future__ import annotations

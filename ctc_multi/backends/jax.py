@@ -14,3 +14,24 @@ def scan(step, init, xs, *, reverse=False):
 
 def is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
+
+
+def with_explicit_gradient(forward, forward_with_residuals, backward):
+    @jax.custom_vjp
+    def loss(logits, *others):
+        return forward(logits, *others)
+
+    def loss_forward(logits, *others):
+        value, residuals = forward_with_residuals(logits, *others)
+        return value, (residuals, logits, others)
+
+    def loss_backward(saved, cotangent):
+        residuals, logits, others = saved
+        return (backward(residuals, cotangent, logits, *others),) + (None,) * len(others)
+
+    loss.defvjp(loss_forward, loss_backward)
+    return loss
+
+
+def detach(x):
+    return jax.lax.stop_gradient(x)

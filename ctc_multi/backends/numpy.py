@@ -20,3 +20,11 @@ def scan(step, init, xs, *, reverse=False):
 
 def is_concrete(x) -> bool:
     return True
+
+
+def with_explicit_gradient(forward, forward_with_residuals, backward):
+    return forward  # no autodiff to wire: ctc_loss_and_grad calls backward itself
+
+
+def detach(x):
+    return x

@@ -20,3 +20,32 @@ def scan(step, init, xs, *, reverse=False):
 
 def is_concrete(x) -> bool:
     return not torch.compiler.is_compiling()
+
+
+class _ExplicitGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, functions, logits, *others):
+        forward_with_residuals, backward = functions
+        value, residuals = forward_with_residuals(logits, *others)
+        ctx.backward_function = backward
+        ctx.save_for_backward(residuals, logits, *others)
+        return value
+
+    @staticmethod
+    def backward(ctx, cotangent):
+        residuals, logits, *others = ctx.saved_tensors
+        gradient = ctx.backward_function(residuals, cotangent, logits, *others)
+        return (None, gradient) + (None,) * len(others)
+
+
+def with_explicit_gradient(forward, forward_with_residuals, backward):
+    def loss(logits, *others):
+        if not (torch.is_grad_enabled() and logits.requires_grad):
+            return forward(logits, *others)
+        return _ExplicitGradient.apply((forward_with_residuals, backward), logits, *others)
+
+    return loss
+
+
+def detach(x):
+    return x.detach()
