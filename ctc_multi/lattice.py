@@ -67,9 +67,7 @@ class LogSemiring:
 
     @staticmethod
     def combine(xp, stay, advance, skip):
-        peak = xp.maximum(xp.maximum(stay, advance), skip)
-        total = xp.exp(stay - peak) + xp.exp(advance - peak) + xp.exp(skip - peak)
-        return peak + xp.log(total), None
+        return xp.logaddexp(xp.logaddexp(stay, advance), skip), None
 
 
 class MaxSemiring:
@@ -81,8 +79,11 @@ class MaxSemiring:
     @staticmethod
     def combine(xp, stay, advance, skip):
         best = xp.maximum(xp.maximum(stay, advance), skip)
-        move = xp.where(stay >= best, 0, xp.where(advance >= best, 1, 2))
-        return best, xp.astype(move, xp.int8)
+        # Counting the moves passed over, rather than xp.where(..., 0, 1 or 2): strict array-API
+        # namespaces refuse a where between two Python scalars.
+        not_stay = stay < best
+        move = xp.astype(not_stay, xp.int8) + xp.astype(not_stay & (advance < best), xp.int8)
+        return best, move
 
 
 def log_softmax(xp, logits: Array) -> Array:
@@ -138,12 +139,16 @@ def build_lattice(
     gathered = xp.where(missing[:, None, :], stand_in[:, None, :], gathered)
     gathered = xp.maximum(gathered, xp.full_like(gathered[:1, :1, :1], log_epsilon))
 
-    differs_from_previous = labels[:, 1:] != labels[:, :-1]
-    no_skip = xp.zeros_like(label_padded[:, :1])
-    skip_into_label = xp.concat([no_skip, differs_from_previous], axis=1)
+    # Per label n: may a path jump into it over a blank (it differs from label n - 1), and does
+    # it repeat label n - 1 (one more frame needed)? Neither for n = 0. Shape-static, N = 0 too.
     num_labels = labels.shape[1]
+    can_jump = repeats_previous = label_padded & ~label_padded
+    if num_labels > 1:
+        first = can_jump[:, :1]
+        can_jump = xp.concat([first, labels[:, 1:] != labels[:, :-1]], axis=1)
+        repeats_previous = xp.concat([first, labels[:, 1:] == labels[:, :-1]], axis=1)
     label_lengths = num_labels - xp.sum(xp.astype(label_padded, xp.int32), axis=1)
-    repeats = xp.sum(xp.astype(~differs_from_previous & ~label_padded[:, 1:], xp.int32), axis=1)
+    repeats = xp.sum(xp.astype(repeats_previous & ~label_padded, xp.int32), axis=1)
     valid_frames = logits.shape[1] - xp.sum(xp.astype(logit_padded, xp.int32), axis=1)
     return Lattice(
         log_probs=log_probs,
@@ -153,7 +158,7 @@ def build_lattice(
         feasible=label_lengths + repeats <= valid_frames,
         log_emissions=xp.permute_dims(gathered, (1, 0, 2)),
         frame_padded=xp.permute_dims(logit_padded, (1, 0)),
-        skip_allowed=interleave_with_blanks(xp, skip_into_label, False),
+        skip_allowed=interleave_with_blanks(xp, can_jump, False),
         label_lengths=label_lengths,
         log_epsilon=log_epsilon,
     )
@@ -173,17 +178,9 @@ def _accumulate(hi: Array, lo: Array, value: Array) -> tuple[Array, Array]:
     return total, lo + error
 
 
-def _shift(xp, values: Array, fill: Array, steps: int, toward_higher: bool) -> Array:
-    """Move values ``steps`` states along the lattice, filling the vacated states with ``fill``."""
-    num_states = values.shape[1]
-    if steps >= num_states:
-        return fill
-    if toward_higher:
-        return xp.concat([fill[:, :steps], values[:, : num_states - steps]], axis=1)
-    return xp.concat([values[:, steps:], fill[:, :steps]], axis=1)
-
-
-def make_lattice_step(xp, *, semiring, skip_allowed: Array, log_epsilon: float, reverse: bool, keep_history: bool) -> Callable:
+def make_lattice_step(
+    xp, *, semiring, skip_allowed: Array, log_epsilon: float, dtype, reverse: bool, keep_history: bool
+) -> Callable:
     """The one step of the CTC recursion, for the scan.
 
     carry: (log_state (B, S) with maximum 0, offset_hi (B,), offset_lo (B,)); the true log
@@ -196,15 +193,24 @@ def make_lattice_step(xp, *, semiring, skip_allowed: Array, log_epsilon: float, 
     the forward one moved two states down. Both include the emission of frame t.
     Outputs per frame: the new carry (``keep_history``) and the semiring's choices, if any.
     """
+    batch, num_states = skip_allowed.shape
+    # Built once: the two states beyond the lattice's edge, and log_epsilon on forbidden jumps
+    # (added rather than selected: one op, and a forbidden jump still can't win or count).
+    edge = xp.full((batch, 2), log_epsilon, dtype=dtype, device=_device(skip_allowed))
+    penalty = xp.where(skip_allowed, xp.zeros_like(skip_allowed, dtype=dtype), xp.full_like(skip_allowed, log_epsilon, dtype=dtype))
     if reverse:
-        skip_allowed = _shift(xp, skip_allowed, xp.zeros_like(skip_allowed), 2, toward_higher=False)
+        penalty = xp.concat([penalty[:, 2:], edge], axis=1)
 
     def step(carry, frame):
         log_state, offset_hi, offset_lo = carry
         log_emissions, padded = frame
-        fill = xp.full_like(log_state, log_epsilon)
-        advance = _shift(xp, log_state, fill, 1, toward_higher=not reverse)
-        skip = xp.where(skip_allowed, _shift(xp, log_state, fill, 2, toward_higher=not reverse), fill)
+        if reverse:  # predecessors are the states above: read them from [state, edge]
+            extended = xp.concat([log_state, edge], axis=1)
+            skip = extended[:, 2:] + penalty
+        else:  # predecessors are the states below: read them from [edge, state]
+            extended = xp.concat([edge, log_state], axis=1)
+            skip = extended[:, :num_states] + penalty
+        advance = extended[:, 1 : num_states + 1]
         combined, choice = semiring.combine(xp, log_state, advance, skip)
         updated = xp.where(padded[:, None], log_state, combined + log_emissions)
         peak = xp.max(updated, axis=1)
@@ -242,6 +248,7 @@ def run_recursion(xp, scan: Scan, lattice: Lattice, *, semiring=LogSemiring, rev
         semiring=semiring,
         skip_allowed=lattice.skip_allowed,
         log_epsilon=lattice.log_epsilon,
+        dtype=lattice.log_emissions.dtype,
         reverse=reverse,
         keep_history=keep_history,
     )

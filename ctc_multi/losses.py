@@ -7,6 +7,7 @@ in :mod:`ctc_multi.backends`. Nothing here depends on which framework the arrays
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 from .inputs import CTCInputs, check_inputs
@@ -27,36 +28,42 @@ REDUCTIONS = ("none", "sum", "mean")
 
 @dataclass(frozen=True)
 class _Problem:
-    """One validated call, as the plain functions that the backends' gradient wiring wraps.
+    """The static part of one validated call, and the plain functions built on it.
 
-    Every function takes the arrays ``(logits, logit_padded, labels, label_padded)`` explicitly
-    (no closure over arrays), so ``jax.custom_vjp`` and ``torch.autograd.Function`` can wrap them.
+    Hashable (no arrays inside), so JAX can compile per setting; every function takes the arrays
+    ``(logits, logit_padded, labels, label_padded)`` explicitly, so ``jax.custom_vjp`` and
+    ``torch.autograd.Function`` can wrap them.
     """
 
-    inputs: CTCInputs
+    xp: ModuleType
+    backend: ModuleType
+    blank_id: int
+    log_epsilon: float
     zero_infinity: bool = False
 
+    @classmethod
+    def of(cls, inputs: CTCInputs, zero_infinity: bool = False) -> "_Problem":
+        return cls(inputs.xp, inputs.backend, inputs.blank_id, inputs.log_epsilon, bool(zero_infinity))
+
     @property
-    def arrays(self):
-        i = self.inputs
-        return i.logits, i.logit_padded, i.labels, i.label_padded
+    def index_dtype(self):
+        return getattr(self.xp, self.backend.INDEX_DTYPE_NAME)
 
     def lattice(self, logits, logit_padded, labels, label_padded):
-        i = self.inputs
         return build_lattice(
-            i.xp,
+            self.xp,
             logits,
             logit_padded,
             labels,
             label_padded,
-            blank_id=i.blank_id,
-            log_epsilon=i.log_epsilon,
-            index_dtype=i.index_dtype,
+            blank_id=self.blank_id,
+            log_epsilon=self.log_epsilon,
+            index_dtype=self.index_dtype,
         )
 
     def _loss(self, lattice, final):
-        xp = self.inputs.xp
-        loss = loss_from_final_state(xp, lattice, final, self.inputs.index_dtype)
+        xp = self.xp
+        loss = loss_from_final_state(xp, lattice, final, self.index_dtype)
         if self.zero_infinity:
             loss = xp.where(lattice.feasible, loss, xp.zeros_like(loss))
         return loss
@@ -64,25 +71,48 @@ class _Problem:
     def forward(self, *arrays):
         """(B,) loss."""
         lattice = self.lattice(*arrays)
-        final, _ = run_recursion(self.inputs.xp, self.inputs.backend.scan, lattice)
+        final, _ = run_recursion(self.xp, self.backend.scan, lattice)
         return self._loss(lattice, final)
 
     def forward_with_residuals(self, *arrays):
         """(B,) loss and the (T, B, S) renormalised log alphas that the backward pass needs."""
         lattice = self.lattice(*arrays)
-        final, (history, _) = run_recursion(self.inputs.xp, self.inputs.backend.scan, lattice, keep_history=True)
+        final, (history, _) = run_recursion(self.xp, self.backend.scan, lattice, keep_history=True)
         return self._loss(lattice, final), history[0]
 
     def backward(self, alpha_history, loss_cotangent, *arrays):
         """(B, T, K) cotangent of the logits: the beta recursion, then eq. 16 of Graves et al."""
-        xp = self.inputs.xp
+        xp = self.xp
         lattice = self.lattice(*arrays)
-        _, (beta, _) = run_recursion(xp, self.inputs.backend.scan, lattice, reverse=True, keep_history=True)
+        _, (beta, _) = run_recursion(xp, self.backend.scan, lattice, reverse=True, keep_history=True)
         gradient = logits_gradient(xp, lattice, state_occupancy(xp, lattice, alpha_history, beta[0]))
         scale = xp.astype(loss_cotangent, gradient.dtype)
         if self.zero_infinity:
             scale = xp.where(lattice.feasible, scale, xp.zeros_like(scale))
         return gradient * scale[:, None, None]
+
+
+def _arrays(inputs: CTCInputs):
+    return inputs.logits, inputs.logit_padded, inputs.labels, inputs.label_padded
+
+
+def _loss(problem: _Problem, reduction: str, *arrays):
+    differentiable = problem.backend.with_explicit_gradient(problem.forward, problem.forward_with_residuals, problem.backward)
+    return _reduce(problem.xp, differentiable(*arrays), arrays[3], reduction)
+
+
+def _loss_and_grad(problem: _Problem, logits, *others):
+    logits = problem.backend.detach(logits)
+    loss, alpha_history = problem.forward_with_residuals(logits, *others)
+    return loss, problem.backward(alpha_history, problem.xp.ones_like(loss), logits, *others)
+
+
+def _loss_with_forward_probs(problem: _Problem, *arrays):
+    xp = problem.xp
+    lattice = problem.lattice(*arrays)
+    final, (history, _) = run_recursion(xp, problem.backend.scan, lattice, keep_history=True)
+    loss = loss_from_final_state(xp, lattice, final, problem.index_dtype)
+    return (loss,) + forward_probs_from_history(xp, history)
 
 
 def _check_reduction(reduction) -> str:
@@ -91,12 +121,12 @@ def _check_reduction(reduction) -> str:
     return reduction
 
 
-def _reduce(xp, loss, inputs: CTCInputs, reduction: str):
+def _reduce(xp, loss, label_padded, reduction: str):
     if reduction == "none":
         return loss
     if reduction == "sum":
         return xp.sum(loss)
-    lengths = inputs.labels.shape[1] - xp.sum(xp.astype(inputs.label_padded, loss.dtype), axis=1)
+    lengths = label_padded.shape[1] - xp.sum(xp.astype(label_padded, loss.dtype), axis=1)
     return xp.mean(loss / xp.maximum(lengths, xp.ones_like(lengths)))
 
 
@@ -146,13 +176,8 @@ def ctc_loss_with_forward_probs(
       (0.2877, (3, 1, 2), (3, 1, 1))
     """
     inputs = check_inputs(logits, logit_paddings, labels, label_paddings, blank_id=blank_id, log_epsilon=log_epsilon)
-    xp = inputs.xp
-    problem = _Problem(inputs)
-    lattice = problem.lattice(*problem.arrays)
-    final, (history, _) = run_recursion(xp, inputs.backend.scan, lattice, keep_history=True)
-    loss = loss_from_final_state(xp, lattice, final, inputs.index_dtype)
-    logalpha_blank, logalpha_nonblank = forward_probs_from_history(xp, history)
-    return loss, logalpha_blank, logalpha_nonblank
+    run = inputs.backend.compiled(_loss_with_forward_probs, num_static=1)
+    return run(_Problem.of(inputs), *_arrays(inputs))
 
 
 def ctc_loss(
@@ -188,9 +213,8 @@ def ctc_loss(
     """
     _check_reduction(reduction)
     inputs = check_inputs(logits, logit_paddings, labels, label_paddings, blank_id=blank_id, log_epsilon=log_epsilon)
-    problem = _Problem(inputs, zero_infinity=bool(zero_infinity))
-    differentiable = inputs.backend.with_explicit_gradient(problem.forward, problem.forward_with_residuals, problem.backward)
-    return _reduce(inputs.xp, differentiable(*problem.arrays), inputs, reduction)
+    run = inputs.backend.compiled(_loss, num_static=2)
+    return run(_Problem.of(inputs, zero_infinity), reduction, *_arrays(inputs))
 
 
 def ctc_loss_and_grad(
@@ -217,7 +241,5 @@ def ctc_loss_and_grad(
       ((1, 3, 2), True)
     """
     inputs = check_inputs(logits, logit_paddings, labels, label_paddings, blank_id=blank_id, log_epsilon=log_epsilon)
-    problem = _Problem(inputs, zero_infinity=bool(zero_infinity))
-    arrays = (inputs.backend.detach(problem.arrays[0]),) + problem.arrays[1:]
-    loss, alpha_history = problem.forward_with_residuals(*arrays)
-    return loss, problem.backward(alpha_history, inputs.xp.ones_like(loss), *arrays)
+    run = inputs.backend.compiled(_loss_and_grad, num_static=1)
+    return run(_Problem.of(inputs, zero_infinity), *_arrays(inputs))

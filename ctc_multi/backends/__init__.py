@@ -10,7 +10,9 @@ Each adapter module provides:
   ``(logits, *others)`` returning ``forward(logits, *others)`` whose gradient, where the
   framework has autodiff, is ``backward(residuals, cotangent, logits, *others)`` (residuals from
   ``forward_with_residuals``) instead of autodiff through the scan;
-* ``detach(x)``: ``x`` cut from any autodiff graph (explicit gradients need none).
+* ``detach(x)``: ``x`` cut from any autodiff graph (explicit gradients need none);
+* ``compiled(function, num_static)``: ``function`` compiled for its first ``num_static``
+  (hashable) arguments where the framework compiles (``jax.jit``), else ``function`` itself.
 """
 
 from __future__ import annotations

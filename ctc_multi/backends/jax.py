@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 
 NAME = "jax"
@@ -13,7 +15,8 @@ def scan(step, init, xs, *, reverse=False):
 
 
 def is_concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
+    # Under jit even operations on constant arrays are traced, so probe a fresh array too.
+    return not isinstance(x, jax.core.Tracer) and not isinstance(jax.numpy.zeros(()), jax.core.Tracer)
 
 
 def with_explicit_gradient(forward, forward_with_residuals, backward):
@@ -35,3 +38,9 @@ def with_explicit_gradient(forward, forward_with_residuals, backward):
 
 def detach(x):
     return jax.lax.stop_gradient(x)
+
+
+@functools.lru_cache(maxsize=None)
+def compiled(function, num_static):
+    """``function`` compiled once per static setting, so eager calls don't dispatch op by op."""
+    return jax.jit(function, static_argnums=tuple(range(num_static)))

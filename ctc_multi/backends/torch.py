@@ -49,3 +49,7 @@ def with_explicit_gradient(forward, forward_with_residuals, backward):
 
 def detach(x):
     return x.detach()
+
+
+def compiled(function, num_static):
+    return function  # runs op by op; nothing to compile
