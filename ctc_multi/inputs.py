@@ -10,6 +10,7 @@ paddings) run whenever the values can be read: always for NumPy and torch, and f
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -88,9 +89,14 @@ def _as_padding_mask(xp, name: str, paddings: Array, concrete: bool) -> Array:
 
 
 def _as_blank_id(blank_id, num_classes: int) -> int:
-    if isinstance(blank_id, bool) or not hasattr(blank_id, "__index__"):
-        raise ValueError(f"blank_id must be an integer; got {blank_id!r}")
-    blank_id = int(blank_id.__index__())
+    try:
+        if isinstance(blank_id, bool):
+            raise TypeError
+        # operator.index refuses floats, float arrays (which have __index__ but raise) and,
+        # under jax.jit, traced values: blank_id picks lattice states, so it must be static.
+        blank_id = operator.index(blank_id)
+    except TypeError as error:
+        raise ValueError(f"blank_id must be an integer (a static one under jax.jit); got {blank_id!r}") from error
     if not 0 <= blank_id < num_classes:
         raise ValueError(f"blank_id must be in [0, K) = [0, {num_classes}); got {blank_id}")
     return blank_id
@@ -130,6 +136,9 @@ def check_inputs(logits, logit_paddings, labels, label_paddings, *, blank_id, lo
     dtype = compute_dtype(xp, logits.dtype)
     if not xp.isdtype(labels.dtype, "integral"):
         raise ValueError(f"labels must be an integer array; got dtype {labels.dtype}")
+    if xp.iinfo(labels.dtype).max < num_classes:
+        # The lattice puts blank_id and K - 1 beside the labels: widen (exactly) so they fit.
+        labels = xp.astype(labels, getattr(xp, backend.INDEX_DTYPE_NAME))
 
     concrete = all(backend.is_concrete(x) for x in (logit_paddings, labels, label_paddings))
     logit_padded = _as_padding_mask(xp, "logit_paddings", logit_paddings, concrete)

@@ -94,12 +94,17 @@ def log_softmax(xp, logits: Array) -> Array:
     return shifted - xp.log(xp.sum(xp.exp(shifted), axis=-1, keepdims=True))
 
 
-def interleave_with_blanks(xp, per_label: Array, blank_value) -> Array:
-    """(B, N) values of the labels -> (B, 2N + 1) values of the lattice states."""
+def interleave_with_blanks(xp, per_label: Array, blank_value, column: Array) -> Array:
+    """(B, N) values of the labels -> (B, 2N + 1) values of the lattice states.
+
+    ``column`` is any (B, >= 1) array on the batch's device: new arrays are made ``*_like`` the
+    inputs, so a batch-sharded input (jax.sharding) gives batch-sharded lattice arrays.
+    """
     batch, num_labels = per_label.shape
-    blanks = xp.full((batch, num_labels + 1), blank_value, dtype=per_label.dtype, device=_device(per_label))
-    pairs = xp.stack([blanks[:, :num_labels], per_label], axis=2)
-    return xp.concat([xp.reshape(pairs, (batch, 2 * num_labels)), blanks[:, num_labels:]], axis=1)
+    blanks = xp.full_like(per_label, blank_value)
+    last_blank = xp.full_like(column[:, :1], blank_value, dtype=per_label.dtype)
+    pairs = xp.stack([blanks, per_label], axis=2)
+    return xp.concat([xp.reshape(pairs, (batch, 2 * num_labels)), last_blank], axis=1)
 
 
 def build_lattice(
@@ -127,17 +132,17 @@ def build_lattice(
 
     # An indexed gather costs B*T*S; optax's one-hot einsum costs B*T*K*N (and TF32 on GPUs).
     in_range = (labels >= 0) & (labels < num_classes)
-    class_ids = interleave_with_blanks(xp, xp.clip(labels, 0, num_classes - 1), blank_id)
+    class_ids = interleave_with_blanks(xp, xp.clip(labels, 0, num_classes - 1), blank_id, logit_padded)
     class_ids = xp.astype(class_ids, index_dtype)
     gathered = xp.take_along_axis(log_probs, class_ids[:, None, :], axis=2)  # (B, T, S)
 
     # Labels outside [0, K) emit like optax's all-zero one-hot row (log-prob 0) where padded;
     # unpadded ones (caught by validation whenever values are concrete) make the path impossible.
-    missing = interleave_with_blanks(xp, ~in_range, False)
+    missing = interleave_with_blanks(xp, ~in_range, False, logit_padded)
     stand_in = xp.where(label_padded, xp.zeros_like(logits[:, 0, :1]), xp.full_like(logits[:, 0, :1], log_epsilon))
-    stand_in = interleave_with_blanks(xp, stand_in, 0.0)
+    stand_in = interleave_with_blanks(xp, stand_in, 0.0, logit_padded)
     gathered = xp.where(missing[:, None, :], stand_in[:, None, :], gathered)
-    gathered = xp.maximum(gathered, xp.full_like(gathered[:1, :1, :1], log_epsilon))
+    gathered = xp.clip(gathered, log_epsilon)
 
     # Per label n: may a path jump into it over a blank (it differs from label n - 1), and does
     # it repeat label n - 1 (one more frame needed)? Neither for n = 0. Shape-static, N = 0 too.
@@ -154,11 +159,11 @@ def build_lattice(
         log_probs=log_probs,
         logit_padded=logit_padded,
         state_classes=class_ids,
-        state_is_real=interleave_with_blanks(xp, ~label_padded, True),
+        state_is_real=interleave_with_blanks(xp, ~label_padded, True, logit_padded),
         feasible=label_lengths + repeats <= valid_frames,
         log_emissions=xp.permute_dims(gathered, (1, 0, 2)),
         frame_padded=xp.permute_dims(logit_padded, (1, 0)),
-        skip_allowed=interleave_with_blanks(xp, can_jump, False),
+        skip_allowed=interleave_with_blanks(xp, can_jump, False, logit_padded),
         label_lengths=label_lengths,
         log_epsilon=log_epsilon,
     )
@@ -196,10 +201,11 @@ def make_lattice_step(
     batch, num_states = skip_allowed.shape
     # Built once: the two states beyond the lattice's edge, and log_epsilon on forbidden jumps
     # (added rather than selected: one op, and a forbidden jump still can't win or count).
-    edge = xp.full((batch, 2), log_epsilon, dtype=dtype, device=_device(skip_allowed))
+    edge_state = xp.full_like(skip_allowed[:, :1], log_epsilon, dtype=dtype)
+    edge = xp.concat([edge_state, edge_state], axis=1)
     penalty = xp.where(skip_allowed, xp.zeros_like(skip_allowed, dtype=dtype), xp.full_like(skip_allowed, log_epsilon, dtype=dtype))
     if reverse:
-        penalty = xp.concat([penalty[:, 2:], edge], axis=1)
+        penalty = xp.concat([penalty, edge], axis=1)[:, 2:]  # jumps from s + 2; also for S = 1
 
     def step(carry, frame):
         log_state, offset_hi, offset_lo = carry

@@ -125,9 +125,9 @@ def _reduce(xp, loss, label_padded, reduction: str):
     if reduction == "none":
         return loss
     if reduction == "sum":
-        return xp.sum(loss)
+        return xp.asarray(xp.sum(loss))  # NumPy reductions give scalars: keep an array
     lengths = label_padded.shape[1] - xp.sum(xp.astype(label_padded, loss.dtype), axis=1)
-    return xp.mean(loss / xp.maximum(lengths, xp.ones_like(lengths)))
+    return xp.asarray(xp.mean(loss / xp.maximum(lengths, xp.ones_like(lengths))))
 
 
 def ctc_loss_with_forward_probs(

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -228,3 +232,39 @@ def loss_gradient(xp, function, logits, *rest, **options) -> np.ndarray:
         total_loss(leaf).backward()
         return leaf.grad.detach().cpu().numpy()
     pytest.skip(f"{xp.name} has no automatic differentiation")
+
+
+def compiled(xp, function):
+    """``function`` under jax.jit on JAX, as is elsewhere.
+
+    Eager JAX traces and compiles ctc_multi's scan anew on every call (1 to 15 s on a CPU);
+    jit compiles each test's function once. Eager JAX is covered by tests/test_losses.py
+    (``loss_gradient``). Arrays passed as arguments are traced, so the value checks that
+    need concrete values are skipped there.
+    """
+    if xp.name == "jax":
+        import jax
+
+        return jax.jit(function)
+    return function
+
+
+def autodiff(xp, scalar_function, x, *rest) -> np.ndarray | None:
+    """d scalar_function(x, *rest) / dx through jax.grad or torch autograd; None without autodiff."""
+    if xp.name == "jax":
+        import jax
+
+        return np.asarray(compiled(xp, jax.grad(scalar_function))(x, *rest))
+    if xp.name == "torch":
+        leaf = x.detach().clone().requires_grad_(True)
+        scalar_function(leaf, *rest).backward()
+        return leaf.grad.detach().cpu().numpy()
+    return None
+
+
+def run_in_fresh_python(script: str, **environment: str) -> subprocess.CompletedProcess:
+    """Run ``script`` in a new interpreter that imports this checkout's ctc_multi."""
+    root = Path(__file__).resolve().parent.parent
+    path = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=path, **environment)
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)

@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# One prepared run for a lent GPU machine (H100/H200, jax + torch + optax preinstalled, no network).
+#
+#   OUT=/some/folder bash benchmarks/gpu_check.sh            # on the GPU machine
+#   OUT=/tmp/out bash benchmarks/gpu_check.sh --dry-run      # anywhere: CPU, small shape, quick
+#
+# Writes everything under $OUT: environment.txt, tests_cuda.txt, bench_cuda.txt (+ .json, .png),
+# memory_cuda.txt, tests_all.txt, summary.txt. Steps run in order of value, each under its own
+# timeout taken from one overall budget (BUDGET_S, default 450 s), so a slow or hung step costs
+# only its share and whatever finished still comes back:
+#   1. environment (nvidia-smi, versions, devices)
+#   2. the GPU-specific tests (tests/test_cuda.py: torch CUDA and jax GPU against the reference)
+#   3. the benchmark on every named shape, big included, anchors (optax, torch native, cuDNN) in the same run
+#   4. peak memory of jax fwd+bwd on `long`, ctc_multi vs optax, each in a fresh process
+#   5. the whole test suite (JAX tests run on the GPU there: jax puts new arrays on it by default)
+#
+# ctc_multi runs from this checkout (PYTHONPATH), nothing is installed. Pure-Python test
+# dependencies missing on the machine (array-api-compat is required; pytest, hypothesis,
+# array-api-strict for the tests) can be brought along: here, run
+#   pip install --no-deps --target benchmarks/results/vendor array-api-compat hypothesis array-api-strict
+# and pass benchmarks/results/vendor in the device run's `carry`; it is put on PYTHONPATH (after the
+# machine's own packages, so it never shadows them).
+set -u
+: "${OUT:?set OUT to the folder whose files come back}"
+cd "$(dirname "$0")/.."
+mkdir -p "$OUT"
+
+DRY_RUN=0
+[ "${1:-}" = "--dry-run" ] && DRY_RUN=1
+BUDGET_S=${BUDGET_S:-450}
+VENDOR=${VENDOR:-benchmarks/results/vendor}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+[ -d "$VENDOR" ] && export PYTHONPATH="$PYTHONPATH:$PWD/$VENDOR"
+export XLA_PYTHON_CLIENT_PREALLOCATE=false  # jax takes GPU memory as it needs it: the peaks mean something
+PYTHON=${PYTHON:-python}
+
+if [ "$DRY_RUN" = 1 ]; then
+  DEVICE=cpu; SHAPES=small; REPEATS=5; MEMORY_SHAPE=small; SUITE="tests/test_sharding.py tests/test_cuda.py"
+else
+  DEVICE=cuda; SHAPES=small,char,bpe,long,vocab5k,big; REPEATS=10; MEMORY_SHAPE=long; SUITE=tests
+fi
+
+STARTED=$SECONDS
+summary() { echo "$*" | tee -a "$OUT/summary.txt"; }
+# step NAME CAP_SECONDS OUTPUT_FILE COMMAND...: run under min(CAP, what is left of the budget)
+step() {
+  local name=$1 cap=$2 file=$3; shift 3
+  local left=$((BUDGET_S - (SECONDS - STARTED)))
+  local limit=$((cap < left ? cap : left))
+  if [ "$limit" -lt 20 ]; then summary "SKIPPED $name: budget spent"; return; fi
+  local t0=$SECONDS
+  timeout --kill-after=10 "$limit" "$@" >"$OUT/$file" 2>&1
+  local rc=$?
+  local verdict=ok; [ $rc = 124 ] && verdict="TIMED OUT after ${limit}s"; [ $rc != 0 ] && [ $rc != 124 ] && verdict="exit $rc"
+  summary "$(printf '%-12s %-22s %4ss  (%s)' "$name" "$verdict" $((SECONDS - t0)) "$file")"
+}
+
+summary "gpu_check $(date -u +%FT%TZ) dry_run=$DRY_RUN device=$DEVICE budget=${BUDGET_S}s"
+{
+  nvidia-smi || echo "no nvidia-smi"
+  "$PYTHON" - <<'EOF'
+import importlib, importlib.util
+for name in ("numpy", "jax", "jaxlib", "torch", "optax", "array_api_compat", "pytest", "hypothesis", "array_api_strict", "matplotlib"):
+    spec = importlib.util.find_spec(name)
+    print(f"{name:18s}", getattr(importlib.import_module(name), "__version__", "?") if spec else "MISSING")
+try:
+    import jax; print("jax devices:", jax.devices())
+except Exception as error: print("jax:", error)
+try:
+    import torch; print("torch cuda:", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "", "cudnn", torch.backends.cudnn.version())
+except Exception as error: print("torch:", error)
+EOF
+} >"$OUT/environment.txt" 2>&1
+summary "$(grep -E 'MISSING|devices|cuda' "$OUT/environment.txt" | tr '\n' ';')"
+
+step cuda-tests 90 tests_cuda.txt "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py
+step benchmark 240 bench_cuda.txt "$PYTHON" benchmarks/run.py --device "$DEVICE" --shapes "$SHAPES" --repeats "$REPEATS" --budget 15 \
+  --json "$OUT/bench_cuda.json" --plot "$OUT/bench_cuda.png"
+step memory 60 memory_cuda.txt "$PYTHON" benchmarks/run.py --memory --device "$DEVICE" --shapes "$MEMORY_SHAPE" --json "$OUT/memory_cuda.json"
+# shellcheck disable=SC2086  # SUITE is a list of paths
+step all-tests 240 tests_all.txt "$PYTHON" -m pytest -q -x -p no:cacheprovider $SUITE
+
+tail -n 30 "$OUT/bench_cuda.txt" >>"$OUT/summary.txt" 2>/dev/null
+tail -n 3 "$OUT/tests_all.txt" >>"$OUT/summary.txt" 2>/dev/null
+summary "total $((SECONDS - STARTED))s"

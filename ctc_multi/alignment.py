@@ -1,0 +1,222 @@
+"""Forced alignment and label posteriors from the same lattice recursion as the loss.
+
+:func:`forced_align` runs :func:`ctc_multi.lattice.run_recursion` under the max-plus semiring
+(:class:`~ctc_multi.lattice.MaxSemiring`), which also returns, per frame and lattice state, the
+move that won (stay, advance one state, or skip a blank). A second scan, backwards over the
+frames with the same backend adapter, follows those moves from the best final state: the
+backtrace. :func:`ctc_posteriors` combines the forward and backward (alpha and beta) runs of the
+log semiring. Nothing here is written per framework.
+
+Everything happens in the lattice's renormalised log domain (each frame's state vector has its
+maximum subtracted): comparisons between states of the same frame do not depend on the offset.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from .inputs import check_inputs
+from .lattice import MaxSemiring, run_recursion, state_occupancy
+from .losses import DEFAULT_LOG_EPSILON, _Problem
+
+Array = Any
+
+
+class TokenSpan(NamedTuple):
+    """One label of an alignment: frames ``start`` (inclusive) to ``end`` (exclusive)."""
+
+    label: int
+    start: int
+    end: int
+    score: float  # mean log-probability of the label over its valid frames
+
+
+def forced_align(logits: Array, logit_paddings: Array, labels: Array, label_paddings: Array, *, blank_id: int = 0) -> tuple[Array, Array]:
+    """The most likely CTC path (Viterbi) for each sequence, and the log-probability of each frame on it.
+
+    Args:
+      logits: (B, T, K)-array of unnormalised class scores; the log-softmax is applied inside.
+        Its namespace (NumPy, JAX, torch, or any array-API namespace) and device decide where
+        the computation runs and what comes back.
+      logit_paddings: (B, T)-array, 1 (or True) where a frame is padding; padded frames may sit
+        anywhere and are skipped.
+      labels: (B, N)-array of integer class ids in [0, K), right-padded.
+      label_paddings: (B, N)-array, 1 (or True) where a label is padding.
+      blank_id: class id of the blank, in [0, K).
+
+    Returns:
+      ``(tokens, scores)``: ``tokens`` (B, T) int32, the class emitted at frame t on the best
+      path (the blank or a label); ``scores`` (B, T), its log-probability ``log_softmax(logits)``
+      at that frame, float32 for float32/float16/bfloat16 logits, float64 for float64 logits.
+      The sum of a sequence's scores is the log-probability of its best path. Padded frames get
+      token -1 and score 0. A sequence that no path can align (fewer valid frames than labels
+      plus the blanks needed between repeated labels) gets token -1 on every frame and score
+      ``-inf`` on its valid frames. The results are not differentiable (gradients are stopped).
+
+    Ties between equally likely best paths are broken deterministically: the path returned is
+    the one whose lattice states, read from the last frame back to the first, are
+    lexicographically largest. The backtrace ends on the final blank rather than on the last
+    label and, going back, prefers staying on a state over stepping back one state (the
+    previous blank or label) over stepping back two (skipping a blank). So where tied paths
+    differ, the returned one is the furthest along the labels at the last frame they differ.
+
+    Works under ``jax.jit`` and ``jax.vmap`` (over extra leading axes) and on torch (CPU or CUDA).
+
+    Example:
+      >>> import numpy as np, ctc_multi
+      >>> logits = np.log(np.array([[[0.1, 0.9], [0.2, 0.8], [0.7, 0.3]]]))
+      >>> tokens, scores = ctc_multi.forced_align(logits, np.zeros((1, 3)), np.array([[1]]), np.zeros((1, 1)))
+      >>> tokens.tolist(), np.round(np.exp(scores), 3).tolist()
+      ([[1, 1, 0]], [[0.9, 0.8, 0.7]])
+    """
+    inputs = check_inputs(logits, logit_paddings, labels, label_paddings, blank_id=blank_id, log_epsilon=DEFAULT_LOG_EPSILON)
+    run = inputs.backend.compiled(_forced_align, num_static=1)
+    return run(_Problem.of(inputs), inputs.logits, inputs.logit_padded, inputs.labels, inputs.label_padded)
+
+
+def _forced_align(problem: _Problem, logits, *others):
+    xp, scan = problem.xp, problem.backend.scan
+    lattice = problem.lattice(problem.backend.detach(logits), *others)
+    final, (_, choices) = run_recursion(xp, scan, lattice, semiring=MaxSemiring)
+
+    log_state = final[0]  # (B, S); renormalised, which leaves the comparison below unchanged
+    final_blank = 2 * xp.astype(lattice.label_lengths, problem.index_dtype)
+    last_label = xp.maximum(final_blank - 1, xp.zeros_like(final_blank))
+    on_blank = _pick(xp, log_state, final_blank)
+    on_label = _pick(xp, log_state, last_label)
+    end_state = xp.where(on_blank >= on_label, final_blank, last_label)
+
+    _, states = scan(_backtrace_step(xp), end_state, (choices, lattice.frame_padded), reverse=True)
+    states = xp.permute_dims(states, (1, 0))  # (B, T)
+    classes = xp.take_along_axis(lattice.state_classes, states, axis=1)
+    scores = xp.take_along_axis(lattice.log_probs, classes[:, :, None], axis=2)[:, :, 0]
+
+    padded = lattice.logit_padded
+    infeasible = ~lattice.feasible[:, None]
+    tokens = xp.astype(classes, xp.int32)
+    tokens = xp.where(padded | infeasible, xp.full_like(tokens, -1), tokens)
+    scores = xp.where(infeasible, xp.full_like(scores, -math.inf), scores)
+    scores = xp.where(padded, xp.zeros_like(scores), scores)
+    return tokens, scores
+
+
+def _pick(xp, values: Array, index: Array) -> Array:
+    """(B, S) values, (B,) indices -> (B,) ``values[b, index[b]]``."""
+    return xp.take_along_axis(values, index[:, None], axis=1)[:, 0]
+
+
+def _backtrace_step(xp):
+    """The reverse-scan step: carry the state at frame t, emit it, move to the state at t - 1.
+
+    frame: (choices (B, S) int8, the move that won at each state of frame t; padded (B,)).
+    Padded frames carried the forward state over, so the backtrace stays put on them.
+    """
+
+    def step(state, frame):
+        choices, padded = frame
+        move = xp.astype(_pick(xp, choices, state), state.dtype)
+        previous = xp.where(padded, state, state - move)
+        # Only the (ignored) paths of infeasible sequences could step below the first state;
+        # keep them in range so that no gather anywhere sees a negative index.
+        return xp.maximum(previous, xp.zeros_like(previous)), state
+
+    return step
+
+
+def merge_tokens(tokens: Array, scores: Array, *, blank_id: int = 0) -> list[list[TokenSpan]]:
+    """Per sequence, the spans of frames on which a forced alignment emits each label.
+
+    Args:
+      tokens: (B, T) integer array, as returned by :func:`forced_align` (any backend).
+      scores: (B, T) floating array of the matching per-frame log-probabilities.
+      blank_id: class id of the blank; blank frames belong to no span.
+
+    Returns:
+      A list of B lists of :class:`TokenSpan` ``(label, start, end, score)``: consecutive
+      frames with the same label form one span, from ``start`` (inclusive) to ``end``
+      (exclusive, like a Python slice); ``score`` is the mean of its frames' scores. Blank
+      frames end a span and are dropped. Frames with token -1 (padding) are skipped over as
+      the recursion skips them: equal labels on the valid frames either side of them form one
+      span, whose mean covers only valid frames.
+
+    Example:
+      >>> import numpy as np, ctc_multi
+      >>> ctc_multi.merge_tokens(np.array([[0, 3, 3, 0, 5, -1]]), np.array([[-0.1, -0.25, -0.75, 0.0, -1.0, 0.0]]))
+      [[TokenSpan(label=3, start=1, end=3, score=-0.5), TokenSpan(label=5, start=4, end=5, score=-1.0)]]
+    """
+    tokens, scores = _as_numpy(tokens), _as_numpy(scores)
+    if tokens.ndim != 2 or scores.shape != tokens.shape:
+        raise ValueError(f"tokens and scores must be (B, T)-arrays of the same shape; got {tokens.shape} and {scores.shape}")
+    return [_spans(row_tokens, row_scores, blank_id) for row_tokens, row_scores in zip(tokens, scores)]
+
+
+def _spans(tokens: np.ndarray, scores: np.ndarray, blank_id: int) -> list[TokenSpan]:
+    spans: list[TokenSpan] = []
+    label, start, end, total, count = None, 0, 0, 0.0, 0
+    for frame, (token, score) in enumerate(zip(tokens.tolist(), scores.tolist())):
+        if token == -1:
+            continue
+        if token != label:
+            if label is not None:
+                spans.append(TokenSpan(label, start, end, total / count))
+            label, start, total, count = (None if token == blank_id else token), frame, 0.0, 0
+        if label is not None:
+            end, total, count = frame + 1, total + score, count + 1
+    if label is not None:
+        spans.append(TokenSpan(label, start, end, total / count))
+    return spans
+
+
+def _as_numpy(x: Array) -> np.ndarray:
+    from array_api_compat import is_torch_array
+
+    if is_torch_array(x):
+        x = x.detach().cpu()
+    return np.asarray(x)
+
+
+def ctc_posteriors(
+    logits: Array,
+    logit_paddings: Array,
+    labels: Array,
+    label_paddings: Array,
+    *,
+    blank_id: int = 0,
+    log_epsilon: float = DEFAULT_LOG_EPSILON,
+) -> Array:
+    """(B, T, N) probability that frame t is aligned to label n, given the whole label sequence.
+
+    Graves et al. (2006), eq. 14: over all CTC paths that read the labels, weighted by their
+    probability, the fraction that emit label n (its own occurrence, not another equal label)
+    at frame t; from the alpha (forward) and beta (backward) runs of the loss recursion.
+
+    Args: as :func:`ctc_multi.ctc_loss_with_forward_probs`.
+
+    Returns:
+      (B, T, N)-array, float32 for float32/float16/bfloat16 logits, float64 for float64 logits.
+      On every valid frame of a sequence that can be aligned, the label posteriors plus the
+      posterior of the blank (``1 - posteriors.sum(-1)``) sum to 1. Padded frames, padded
+      labels and sequences that no path can align (too few valid frames) get 0.
+
+    Example:
+      >>> import numpy as np, ctc_multi
+      >>> posteriors = ctc_multi.ctc_posteriors(np.zeros((1, 2, 2)), np.zeros((1, 2)), np.array([[1]]), np.zeros((1, 1)))
+      >>> np.round(posteriors[0, :, 0], 4).tolist()   # paths "11", "10", "01"
+      [0.6667, 0.6667]
+    """
+    inputs = check_inputs(logits, logit_paddings, labels, label_paddings, blank_id=blank_id, log_epsilon=log_epsilon)
+    run = inputs.backend.compiled(_posteriors, num_static=1)
+    return run(_Problem.of(inputs), inputs.logits, inputs.logit_padded, inputs.labels, inputs.label_padded)
+
+
+def _posteriors(problem: _Problem, *arrays):
+    xp, scan = problem.xp, problem.backend.scan
+    lattice = problem.lattice(*arrays)
+    _, (alpha, _) = run_recursion(xp, scan, lattice, keep_history=True)
+    _, (beta, _) = run_recursion(xp, scan, lattice, reverse=True, keep_history=True)
+    occupancy = state_occupancy(xp, lattice, alpha[0], beta[0])  # (T, B, S)
+    posteriors = xp.permute_dims(occupancy[:, :, 1::2], (1, 0, 2))  # odd states emit the labels
+    return xp.where(lattice.feasible[:, None, None], posteriors, xp.zeros_like(posteriors))

@@ -1,0 +1,272 @@
+"""Other libraries' argument conventions, translated to ctc_multi's and run on its recursion.
+
+ctc_multi (like optax) takes batch-major ``(B, T, K)`` logits with ``(B, T)`` and ``(B, N)``
+paddings. PyTorch's ``torch.nn.functional.ctc_loss`` takes time-major ``(T, B, C)`` log
+probabilities with lengths, and targets either padded ``(B, S)`` or concatenated. This module
+holds the conversions between lengths and paddings, and :func:`torch_ctc_loss`, a drop-in for
+the torch function that accepts NumPy and JAX arrays too. Nothing here is recursion: every
+function ends in :func:`ctc_multi.ctc_loss` or in a few array operations.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+from array_api_compat import array_namespace, device
+
+from .backends import backend_for
+from .inputs import _as_padding_mask, namespace_of
+from .losses import ctc_loss
+
+Array = Any
+
+
+def _as_int(name: str, value, why: str) -> int:
+    """A Python int from an integer (NumPy and 0-d integer arrays included), or a ValueError naming ``name``."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        return operator.index(value)  # refuses floats, float arrays and, under jax.jit, traced values
+    except TypeError as error:
+        raise ValueError(f"{name} must be {why}; got {value!r}") from error
+
+
+def _as_size(name: str, value) -> int:
+    value = _as_int(name, value, "a non-negative integer")
+    if value < 0:
+        raise ValueError(f"{name} must be a non-negative integer; got {value}")
+    return value
+
+
+def _in_namespace(xp, reference: Array, name: str, x) -> Array:
+    """``x`` (an array of any framework, a list, a tuple or a number) as an ``xp`` array on ``reference``'s device."""
+    try:
+        foreign = array_namespace(x) is not xp
+    except TypeError:  # a number, a list, a tuple
+        foreign = True
+    if foreign:
+        # Through NumPy: torch.asarray would reinterpret a JAX buffer's bytes instead of its values.
+        import numpy as np
+
+        try:
+            x = np.asarray(x)
+        except Exception as error:
+            raise ValueError(f"{name} must be an array, a list or a tuple; got {type(x).__name__}") from error
+        return xp.asarray(x, device=device(reference))
+    return x if device(x) == device(reference) else xp.asarray(x, device=device(reference))
+
+
+def _check_integers(xp, name: str, x: Array) -> None:
+    if not xp.isdtype(x.dtype, "integral"):
+        raise ValueError(f"{name} must hold integers; got dtype {x.dtype}")
+
+
+def _known(xp, value: Array) -> Array | None:
+    """``value`` when it can be read now, None under tracing (jax.jit, vmap, torch.compile).
+
+    Asked of the computed value, not of the inputs: inside ``jax.jit`` even operations on
+    concrete arrays closed over by the traced function give tracers.
+    """
+    return value if backend_for(xp).is_concrete(value) else None
+
+
+def _violated(xp, condition: Array) -> bool:
+    """Whether any entry of a (boolean) check is True, as far as the values can be read now."""
+    flag = _known(xp, xp.any(condition))
+    return flag is not None and bool(flag)
+
+
+def lengths_to_paddings(lengths: Array, max_len: int, *, dtype=None) -> Array:
+    """(B,) lengths -> (B, max_len) paddings: 1 on positions ``>= length``, 0 before.
+
+    The padding convention of :func:`ctc_multi.ctc_loss` (and optax) from the length
+    convention of torch: row ``b`` holds ``lengths[b]`` zeros, then ones.
+
+    Args:
+      lengths: (B,)-array of integers in [0, max_len], or a list or tuple of them. The
+        result has its namespace (NumPy for lists and tuples) and device.
+      max_len: the number of positions T (a Python integer, so the shape is static under
+        ``jax.jit``).
+      dtype: dtype of the result, a dtype of the lengths' namespace; default float32.
+
+    Returns:
+      (B, max_len)-array of 0.0 (valid) and 1.0 (padded).
+
+    Raises:
+      ValueError: naming the argument, when ``lengths`` is not a 1-D integer array, when
+        ``max_len`` is not a non-negative integer, or (for concrete values) when a length lies
+        outside [0, max_len].
+
+    Example:
+      >>> import numpy as np, ctc_multi
+      >>> ctc_multi.lengths_to_paddings(np.array([3, 1]), 4)
+      array([[0., 0., 0., 1.],
+             [0., 1., 1., 1.]], dtype=float32)
+    """
+    xp, lengths = namespace_of(lengths)
+    max_len = _as_size("max_len", max_len)
+    if lengths.ndim != 1:
+        raise ValueError(f"lengths must be a (B,)-array; got shape {tuple(lengths.shape)}")
+    _check_integers(xp, "lengths", lengths)
+    if _violated(xp, (lengths < 0) | (lengths > max_len)):
+        raise ValueError(f"lengths must lie in [0, max_len] = [0, {max_len}]")
+    positions = xp.arange(max_len, dtype=lengths.dtype, device=device(lengths))
+    padded = positions[None, :] >= lengths[:, None]
+    return xp.astype(padded, xp.float32 if dtype is None else dtype)
+
+
+def paddings_to_lengths(paddings: Array) -> Array:
+    """(B, T) paddings -> (B,) lengths: the number of valid (0) entries in each row.
+
+    For right-padded rows this inverts :func:`lengths_to_paddings`; where padding sits in the
+    middle (which :func:`ctc_multi.ctc_loss` allows) it still counts the valid frames.
+
+    Args:
+      paddings: (B, T)-array, 1 (or True) where an entry is padding, 0 where it is valid;
+        bool, integer or floating. The result has its namespace and device.
+
+    Returns:
+      (B,)-array of integers: int64 (int32 for JAX).
+
+    Raises:
+      ValueError: naming ``paddings``, when it is not 2-D, or (for concrete values) holds
+        anything but 0 and 1.
+
+    Example:
+      >>> import numpy as np, ctc_multi
+      >>> ctc_multi.paddings_to_lengths(np.array([[0.0, 0.0, 1.0], [0.0, 1.0, 1.0]]))
+      array([2, 1])
+    """
+    xp, paddings = namespace_of(paddings)
+    if paddings.ndim != 2:
+        raise ValueError(f"paddings must be a (B, T)-array; got shape {tuple(paddings.shape)}")
+    concrete = _known(xp, xp.any(xp.astype(paddings, xp.bool))) is not None
+    padded = _as_padding_mask(xp, "paddings", paddings, concrete)
+    index_dtype = getattr(xp, backend_for(xp).INDEX_DTYPE_NAME)
+    return xp.sum(xp.astype(~padded, index_dtype), axis=1)
+
+
+def _lengths_argument(xp, reference: Array, name: str, lengths, batch: int, unbatched: bool) -> Array:
+    lengths = _in_namespace(xp, reference, name, lengths)
+    if unbatched and lengths.ndim == 0:
+        lengths = xp.reshape(lengths, (1,))
+    if tuple(lengths.shape) != (batch,):
+        layout = "a number, or a (1,)-array, for unbatched log_probs" if unbatched else f"a (B,)-array with B = {batch}"
+        raise ValueError(f"{name} must be {layout}; got shape {tuple(lengths.shape)}")
+    _check_integers(xp, name, lengths)
+    return lengths
+
+
+def _concatenated_to_padded(xp, targets: Array, target_lengths: Array, width: int, index_dtype) -> Array:
+    """(sum(lengths),) concatenated targets -> (B, width) right-padded ones (padding holds target 0)."""
+    lengths = xp.astype(target_lengths, index_dtype)
+    starts = xp.cumulative_sum(lengths) - lengths
+    positions = starts[:, None] + xp.arange(width, dtype=index_dtype, device=device(targets))[None, :]
+    if targets.shape[0] == 0:
+        return xp.zeros(positions.shape, dtype=targets.dtype, device=device(targets))
+    positions = xp.clip(positions, 0, targets.shape[0] - 1)
+    return xp.reshape(xp.take(targets, xp.reshape(positions, (-1,)), axis=0), positions.shape)
+
+
+def torch_ctc_loss(
+    log_probs: Array,
+    targets: Array,
+    input_lengths: Array,
+    target_lengths: Array,
+    blank: int = 0,
+    reduction: str = "mean",
+    zero_infinity: bool = False,
+) -> Array:
+    """``torch.nn.functional.ctc_loss``'s conventions, computed by ctc_multi's recursion.
+
+    Same arguments, defaults and results as the torch function, for torch tensors (CPU or
+    CUDA, with autograd through ctc_multi's explicit backward), JAX arrays (jit, vmap, grad)
+    and NumPy arrays; the result has the type of ``log_probs``. The log-softmax that
+    ctc_multi applies to its logits leaves log probabilities unchanged, so the gradient with
+    respect to ``log_probs`` is torch's: ``exp(log_probs) - occupancy``.
+
+    One difference: a sequence that cannot be aligned (``input_length`` shorter than its
+    target plus the blanks between repeated labels) gets a large finite loss (about 1e5,
+    ctc_multi's ``-log_epsilon``) and a finite gradient, where torch gives ``inf`` and NaN
+    gradients. ``zero_infinity=True`` gives loss 0 and gradient 0 for them, as in torch.
+
+    Args:
+      log_probs: (T, B, C)-array of log probabilities (T frames, B sequences, C classes), or
+        (T, C) for one unbatched sequence.
+      targets: integer class ids, not ``blank``: (B, S)-array padded to S >= max target
+        length (values past each length are ignored), or (sum(target_lengths),)-array of
+        the targets concatenated. Unbatched: (S,)-array with S = target length, or (1, S).
+      input_lengths: (B,) valid frames per sequence, each in [0, T]: an integer array of any
+        supported framework, a list or a tuple (a number when unbatched).
+      target_lengths: (B,) target length per sequence, in the same forms.
+      blank: class id of the blank, in [0, C).
+      reduction: "mean" (default): each loss divided by its target length (at least 1), then
+        averaged over the batch; "sum"; or "none": the (B,) losses (a 0-d array when
+        unbatched).
+      zero_infinity: when True, sequences that cannot be aligned get loss 0 and gradient 0.
+
+    Returns:
+      The loss in the dtype of ``log_probs`` (float32 for 16-bit floats): a 0-d array, or
+      (B,) for ``reduction="none"``.
+
+    Raises:
+      ValueError: naming the argument, on a bad rank or shape, non-integer targets or lengths,
+        ``blank`` outside [0, C), an unknown ``reduction``, and (for concrete values) lengths
+        out of range or concatenated targets whose length is not ``sum(target_lengths)``.
+
+    Example:
+      >>> import numpy as np, ctc_multi
+      >>> log_probs = np.log(np.full((3, 1, 2), 0.5))    # T=3 uniform frames over {blank, 1}
+      >>> loss = ctc_multi.torch_ctc_loss(log_probs, np.array([[1]]), [3], [1], reduction="none")
+      >>> round(float(loss[0]), 4)                      # 6 of the 8 paths read "1": log(8/6)
+      0.2877
+    """
+    xp, log_probs = namespace_of(log_probs)
+    if log_probs.ndim not in (2, 3):
+        raise ValueError(f"log_probs must be a (T, B, C)-array, or (T, C) when unbatched; got shape {tuple(log_probs.shape)}")
+    unbatched = log_probs.ndim == 2
+    if unbatched:
+        log_probs = xp.expand_dims(log_probs, axis=1)
+    frames, batch, num_classes = log_probs.shape
+    blank = _as_int("blank", blank, f"an integer in [0, C) = [0, {num_classes})")
+    if not 0 <= blank < num_classes:
+        raise ValueError(f"blank must be an integer in [0, C) = [0, {num_classes}); got {blank}")
+    input_lengths = _lengths_argument(xp, log_probs, "input_lengths", input_lengths, batch, unbatched)
+    target_lengths = _lengths_argument(xp, log_probs, "target_lengths", target_lengths, batch, unbatched)
+    targets = _in_namespace(xp, log_probs, "targets", targets)
+    _check_integers(xp, "targets", targets)
+    if _violated(xp, (input_lengths < 0) | (input_lengths > frames)):
+        raise ValueError(f"input_lengths must lie in [0, T] = [0, {frames}]")
+    if _violated(xp, target_lengths < 0):
+        raise ValueError("target_lengths must be non-negative")
+    longest = _known(xp, xp.max(target_lengths)) if batch else 0
+
+    if targets.ndim == 2:
+        if targets.shape[0] != batch:
+            raise ValueError(f"targets must be a (B, S)-array with B = {batch} when 2-D; got shape {tuple(targets.shape)}")
+        if longest is not None and int(longest) > targets.shape[1]:
+            raise ValueError(f"targets of shape {tuple(targets.shape)} are narrower than the longest target_lengths, {int(longest)}")
+        labels = targets
+    elif targets.ndim == 1:
+        total = targets.shape[0]
+        expected_total = _known(xp, xp.sum(target_lengths))
+        if expected_total is not None and int(expected_total) != total:
+            raise ValueError(f"targets, when 1-D, must hold sum(target_lengths) = {int(expected_total)} ids; got {total}")
+        # Under jax.jit the longest target is unknown; the total length bounds it statically.
+        width = total if longest is None else int(longest)
+        index_dtype = getattr(xp, backend_for(xp).INDEX_DTYPE_NAME)
+        labels = _concatenated_to_padded(xp, targets, target_lengths, max(width, 1), index_dtype)
+    else:
+        raise ValueError(f"targets must be a (B, S)-array or a 1-D concatenation; got shape {tuple(targets.shape)}")
+
+    loss = ctc_loss(
+        xp.permute_dims(log_probs, (1, 0, 2)),
+        lengths_to_paddings(input_lengths, frames),
+        labels,
+        lengths_to_paddings(target_lengths, labels.shape[1]),
+        blank_id=blank,
+        reduction=reduction,
+        zero_infinity=zero_infinity,
+    )
+    return xp.reshape(loss, ()) if unbatched and reduction == "none" else loss

@@ -1,0 +1,78 @@
+"""``ctc-multi align`` (ctc_multi/align_command.py), through its own argparse registration.
+
+The spans expected come from the construction of the input: logits that make one designed
+path far more likely than any other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import struct
+
+import numpy as np
+import pytest
+
+from ctc_multi.align_command import add_align_parser, run_align
+from ctc_multi.compare import UsageError
+
+BLANK = 1
+# Frames 0-11 of sequence 1; frames 12-13 are padding. Label "3 2 2 0": 2 2 needs a blank between.
+DESIGNED_PATH = [1, 3, 3, 1, 2, 2, 1, 2, 1, 1, 0, 0]
+EXPECTED_SPANS = [(3, 1, 3), (2, 4, 6), (2, 7, 8), (0, 10, 12)]
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="ctc-multi")
+    add_align_parser(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(argv)
+
+
+@pytest.fixture
+def input_file(tmp_path):
+    rng = np.random.default_rng(0)
+    logits = rng.normal(scale=0.5, size=(2, 14, 5))
+    logits[1, np.arange(len(DESIGNED_PATH)), DESIGNED_PATH] += 8.0
+    logit_paddings = np.zeros((2, 14))
+    logit_paddings[1, len(DESIGNED_PATH) :] = 1.0
+    labels = np.array([[4, 0, 0, 0], [3, 2, 2, 0]])
+    label_paddings = np.array([[0, 1, 1, 1], [0, 0, 0, 0]], dtype=float)
+    path = tmp_path / "batch.npz"
+    np.savez(path, logits=logits, logit_paddings=logit_paddings, labels=labels, label_paddings=label_paddings, blank_id=np.int64(BLANK))
+    return path
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG signature"
+    assert data[12:16] == b"IHDR", "a PNG starts with its IHDR chunk"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_align_prints_spans_and_draws_a_png(input_file, tmp_path, capsys):
+    pytest.importorskip("matplotlib", reason="--plot needs matplotlib (the cli extra)")
+    picture = tmp_path / "align.png"
+    args = parse(["align", "--input", str(input_file), "--index", "1", "--plot", str(picture)])
+    assert args.run is run_align
+    assert run_align(args) == 0
+
+    printed = capsys.readouterr().out
+    rows = [line.split() for line in printed.splitlines()]
+    spans = [tuple(int(v) for v in row[:3]) for row in rows if len(row) == 4 and row[0].isdigit()]
+    assert spans == EXPECTED_SPANS
+    assert "12 valid frames of 14" in printed
+
+    data = picture.read_bytes()
+    width, height = png_size(data)
+    assert 300 <= width <= 4000 and 200 <= height <= 3000, (width, height)
+    assert 10_000 < len(data) < 5_000_000
+
+
+def test_align_reports_sequences_that_cannot_be_aligned(tmp_path, capsys):
+    path = tmp_path / "short.npz"
+    np.savez(path, logits=np.zeros((1, 2, 3)), logit_paddings=np.zeros((1, 2)), labels=np.array([[2, 2]]), label_paddings=np.zeros((1, 2)))
+    assert run_align(parse(["align", "--input", str(path)])) == 0
+    assert "no path can align" in capsys.readouterr().out
+
+
+def test_align_rejects_an_index_outside_the_batch(input_file):
+    with pytest.raises(UsageError, match="--index"):
+        run_align(parse(["align", "--input", str(input_file), "--index", "2"]))

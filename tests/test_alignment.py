@@ -1,0 +1,317 @@
+"""forced_align, merge_tokens and ctc_posteriors on every backend, against brute force.
+
+Expected values come from enumerating every path of K classes over the valid frames (K^T of
+them, T <= 7, K <= 4) and keeping those that collapse to the label sequence: the best one,
+its log-probability, and the posteriors as weighted path counts. Never from ctc_multi itself,
+except the loss bound, where ``ctc_multi.ctc_loss`` is itself checked against the reference
+in ``test_losses.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+
+import numpy as np
+import pytest
+from conftest import TOLERANCE, installed
+from helpers import Problem, collapse, random_problem, to_backend
+
+import ctc_multi
+
+# One shape (B, T, K, N) for every problem: eager JAX compiles each operation once per shape.
+SHAPE = (4, 7, 4, 3)
+CASES = {
+    "plain": dict(),
+    "blank_last": dict(blank_id=3, frame_layout="middle"),
+    "blank_inside": dict(blank_id=1, pad_label=-1, frame_layout="anywhere"),
+    "many_repeats": dict(repeat_probability=0.8, min_label_length=2),
+}
+# float32 runs one case only, for the same reason.
+CASES_AND_DTYPES = [(case, "float64") for case in CASES] + [("blank_inside", "float32")]
+
+
+def make_problem(case: str, seed: int = 0) -> tuple[Problem, int]:
+    rng = np.random.default_rng(seed + sorted(CASES).index(case))
+    return random_problem(rng, *SHAPE, **CASES[case]), CASES[case].get("blank_id", 0)
+
+
+def hand_problem(sequences, *, logits=None) -> Problem:
+    """A problem of ``SHAPE`` from B pairs (label, number of valid frames), frames right-padded."""
+    batch, frames, num_classes, num_labels = SHAPE
+    if logits is None:
+        logits = np.random.default_rng(len(sequences)).normal(scale=2.0, size=(batch, frames, num_classes))
+    labels, label_paddings, logit_paddings = np.zeros((batch, num_labels), np.int64), np.ones((batch, num_labels)), np.ones((batch, frames))
+    for b, (label, num_valid) in enumerate(sequences):
+        labels[b, : len(label)], label_paddings[b, : len(label)], logit_paddings[b, :num_valid] = label, 0.0, 0.0
+    return Problem(logits, logit_paddings, labels, label_paddings)
+
+
+# ---------------------------------------------------------------------------------------------
+# Brute force
+# ---------------------------------------------------------------------------------------------
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    peak = x.max(axis=-1, keepdims=True)
+    return x - peak - np.log(np.exp(x - peak).sum(axis=-1, keepdims=True))
+
+
+@functools.lru_cache(maxsize=None)
+def all_paths(num_classes: int, frames: int, blank_id: int):
+    """Every path of ``frames`` symbols, its collapsed reading, and its lattice states.
+
+    The lattice state at frame t is 2n - 1 on a label (n the number of labels read so far,
+    that one included) and 2n on a blank, as in Graves et al.
+    """
+    paths = np.array(list(itertools.product(range(num_classes), repeat=frames)), dtype=np.int64).reshape(-1, frames)
+    readings = [collapse(tuple(path), blank_id) for path in paths.tolist()]
+    is_label = paths != blank_id
+    starts_label = is_label & np.concatenate([np.ones_like(paths[:, :1], bool), paths[:, 1:] != paths[:, :-1]], axis=1)
+    states = 2 * np.cumsum(starts_label, axis=1) - is_label
+    return paths, readings, states
+
+
+def valid_alignments(log_probs: np.ndarray, label: list[int], blank_id: int):
+    """(paths (P, T), states (P, T), log-probabilities (P,)) of every path reading ``label``."""
+    frames, num_classes = log_probs.shape
+    paths, readings, states = all_paths(num_classes, frames, blank_id)
+    keep = np.array([reading == tuple(label) for reading in readings], dtype=bool)
+    paths, states = paths[keep], states[keep]
+    return paths, states, log_probs[np.arange(frames), paths].sum(axis=1)
+
+
+def sequence(problem: Problem, b: int):
+    """(valid frame indices, their log-softmax (Tv, K), the unpadded label) of sequence b."""
+    valid = np.flatnonzero(problem.logit_paddings[b] == 0)
+    label = [int(v) for v, p in zip(problem.labels[b], problem.label_paddings[b]) if p == 0]
+    return valid, log_softmax(problem.logits[b][valid]), label
+
+
+def brute_force_best(log_probs, label, blank_id):
+    """The best path; among exact ties, the one whose states read backwards are largest."""
+    paths, states, scores = valid_alignments(log_probs, label, blank_id)
+    tied = np.flatnonzero(scores >= scores.max() - 1e-12)
+    chosen = max(tied, key=lambda i: tuple(states[i, ::-1]))
+    return paths[chosen], scores[chosen], len(tied)
+
+
+# ---------------------------------------------------------------------------------------------
+# forced_align
+# ---------------------------------------------------------------------------------------------
+
+
+def align(xp, problem: Problem, *, dtype="float64", blank_id=0):
+    arrays, held = to_backend(xp, problem, dtype)
+    tokens, scores = ctc_multi.forced_align(*arrays, blank_id=blank_id)
+    xp.check_type(tokens, scores)
+    assert tokens.dtype == xp.dtype("int32")
+    assert scores.dtype == xp.dtype(dtype)
+    return xp.to_numpy(tokens), xp.to_numpy(scores), held
+
+
+def check_padded_frames(problem: Problem, tokens, scores):
+    padded = problem.logit_paddings != 0
+    assert np.all(tokens[padded] == -1)
+    assert np.all(scores[padded] == 0.0)
+
+
+@pytest.mark.parametrize(("case", "dtype"), CASES_AND_DTYPES)
+def test_best_path_matches_brute_force(xp, case, dtype):
+    problem, blank_id = make_problem(case)
+    tokens, scores, held = align(xp, problem, dtype=dtype, blank_id=blank_id)
+    check_padded_frames(problem, tokens, scores)
+    for b in range(problem.logits.shape[0]):
+        valid, log_probs, label = sequence(held, b)
+        best_path, best_score, _ = brute_force_best(log_probs, label, blank_id)
+        np.testing.assert_array_equal(tokens[b, valid], best_path)
+        # Each score is the log-probability of its own frame, so they add up to the path's.
+        tolerance = TOLERANCE[dtype]
+        np.testing.assert_allclose(scores[b, valid], log_probs[np.arange(len(valid)), best_path], **tolerance)
+        np.testing.assert_allclose(scores[b].sum(), best_score, **tolerance)
+
+
+def test_ties_follow_the_documented_rule(xp):
+    """Uniform frames make many paths equally likely; the backwards-largest states must win."""
+    problem, blank_id = make_problem("plain")
+    logits = problem.logits.copy()
+    logits[np.random.default_rng(100).random(logits.shape[:2]) < 0.6] = 0.0
+    tokens, _, held = align(xp, problem._replace(logits=logits), blank_id=blank_id)
+    ties = 0
+    for b in range(problem.logits.shape[0]):
+        valid, log_probs, label = sequence(held, b)
+        best_path, _, num_tied = brute_force_best(log_probs, label, blank_id)
+        ties += num_tied - 1
+        np.testing.assert_array_equal(tokens[b, valid], best_path)
+    assert ties > 0, "the test problem has no ties to break"
+
+
+def test_ties_by_hand(xp):
+    """Uniform logits, every path ties. Label "1" on 2 frames: "11" (states 1 1), "10" (1 2) and
+    "01" (0 1); backwards, (2 1) is the largest, so "10". On 3 frames: "100" (states 1 2 2)."""
+    problem = hand_problem([([1], 2), ([1], 3), ([1, 1], 3), ([], 2)], logits=np.zeros(SHAPE[:3]))
+    tokens, _, _ = align(xp, problem)
+    padding = [-1] * 4
+    np.testing.assert_array_equal(tokens, [[1, 0, -1] + padding, [1, 0, 0] + padding, [1, 0, 1] + padding, [0, 0, -1] + padding])
+
+
+def test_viterbi_score_is_at_most_minus_loss(xp):
+    """One path is at most all paths: sum of the scores <= log P(labels) = -loss."""
+    problem = random_problem(np.random.default_rng(7), *SHAPE, frame_layout="middle", pad_label=-1)
+    arrays, _ = to_backend(xp, problem)
+    _, scores = ctc_multi.forced_align(*arrays)
+    loss = xp.to_numpy(ctc_multi.ctc_loss(*arrays))
+    path_log_probability = xp.to_numpy(scores).sum(axis=1)
+    assert np.all(path_log_probability <= -loss + TOLERANCE["float64"]["atol"])
+
+
+def test_infeasible_sequences(xp):
+    """Too few valid frames for the labels (and the blank between repeats): -1 and -inf."""
+    problem = hand_problem([([1, 1], 2), ([2, 3, 1], 2), ([1, 2], 3), ([3], 0)])
+    tokens, scores, held = align(xp, problem)
+    check_padded_frames(problem, tokens, scores)
+    for b in (0, 1, 3):  # "1 1" and "2 3 1" need 3 frames each and have 2; "3" has none
+        valid = problem.logit_paddings[b] == 0
+        assert np.all(tokens[b] == -1)
+        assert np.all(scores[b, valid] == -np.inf)
+    valid, log_probs, label = sequence(held, 2)  # a feasible neighbour is unaffected
+    best_path, best_score, _ = brute_force_best(log_probs, label, 0)
+    np.testing.assert_array_equal(tokens[2, valid], best_path)
+    np.testing.assert_allclose(scores[2].sum(), best_score, **TOLERANCE["float64"])
+
+
+def test_empty_labels_align_to_blanks(xp):
+    problem = hand_problem([([], 3), ([], 7), ([2], 1), ([3, 3, 0], 6)])
+    tokens, scores, held = align(xp, problem, blank_id=1)
+    np.testing.assert_array_equal(tokens[:2], [[1, 1, 1, -1, -1, -1, -1], [1] * 7])
+    for b in range(4):
+        valid, log_probs, label = sequence(held, b)
+        best_path, best_score, _ = brute_force_best(log_probs, label, 1)
+        np.testing.assert_array_equal(tokens[b, valid], best_path)
+        np.testing.assert_allclose(scores[b].sum(), best_score, **TOLERANCE["float64"])
+
+
+def test_jax_jit_and_vmap_match_eager(jax_x64):
+    """JAX only: jit traces the recursion and the backtrace once; vmap adds a leading axis."""
+    import jax.numpy as jnp
+
+    problems = [make_problem("blank_inside", seed)[0] for seed in range(3)]
+    stacked = [jnp.asarray(np.stack(parts)) for parts in zip(*problems)]
+
+    def align_one(*arrays):
+        return ctc_multi.forced_align(*arrays, blank_id=1)
+
+    jitted = [jax_x64.jit(align_one)(*(array[i] for array in stacked)) for i in range(3)]
+    mapped_tokens, mapped_scores = jax_x64.jit(jax_x64.vmap(align_one))(*stacked)
+    for i, problem in enumerate(problems):
+        eager_tokens, eager_scores = align_one(*(jnp.asarray(part) for part in problem))
+        for tokens, scores in (jitted[i], (mapped_tokens[i], mapped_scores[i])):
+            np.testing.assert_array_equal(np.asarray(tokens), np.asarray(eager_tokens))
+            np.testing.assert_allclose(np.asarray(scores), np.asarray(eager_scores), **TOLERANCE["float64"])
+
+
+def test_torchaudio_parity():
+    """torch only: torchaudio.functional.forced_align (batch size 1) on each sequence."""
+    if not installed("torchaudio"):
+        pytest.skip("torchaudio is not installed, so there is nothing to compare with")
+    import torch
+    import torchaudio.functional
+
+    if not hasattr(torchaudio.functional, "forced_align"):
+        pytest.skip("this torchaudio has no functional.forced_align")
+    problem, blank_id = make_problem("blank_last")
+    problem = problem._replace(logit_paddings=np.sort(problem.logit_paddings, axis=1))  # torchaudio pads on the right
+    tokens, scores = ctc_multi.forced_align(*(torch.as_tensor(part) for part in problem), blank_id=blank_id)
+    for b in range(problem.logits.shape[0]):
+        valid, log_probs, label = sequence(problem, b)
+        if not label:
+            continue  # torchaudio wants at least one target
+        expected_tokens, expected_scores = torchaudio.functional.forced_align(
+            torch.as_tensor(log_probs[None]), torch.tensor([label], dtype=torch.int32), blank=blank_id
+        )
+        np.testing.assert_array_equal(tokens[b, valid].numpy(), expected_tokens[0].numpy())
+        np.testing.assert_allclose(scores[b, valid].numpy(), expected_scores[0].numpy(), **TOLERANCE["float64"])
+
+
+# ---------------------------------------------------------------------------------------------
+# merge_tokens
+# ---------------------------------------------------------------------------------------------
+
+
+def test_merge_tokens_by_hand(xp):
+    """Blank 2; a blank splits equal labels, a padded frame (-1) does not; end is exclusive."""
+    tokens = np.array(
+        [
+            [2, 5, 5, 2, 5, 0, 0, 2, -1],
+            [-1, 3, -1, 3, 2, 2, 4, 4, 4],
+            [-1, -1, -1, -1, -1, -1, -1, -1, -1],
+        ],
+        dtype=np.int32,
+    )
+    scores = np.array(
+        [
+            [-0.5, -1.0, -2.0, -0.1, -4.0, -0.25, -0.75, -0.3, 0.0],
+            [0.0, -1.0, 0.0, -3.0, -0.2, -0.2, -1.0, -2.0, -3.0],
+            [-np.inf] * 9,
+        ]
+    )
+    spans = ctc_multi.merge_tokens(xp.asarray(tokens), xp.asarray(scores), blank_id=2)
+    assert spans == [
+        [(5, 1, 3, -1.5), (5, 4, 5, -4.0), (0, 5, 7, -0.5)],
+        [(3, 1, 4, -2.0), (4, 6, 9, -2.0)],
+        [],
+    ]
+    assert spans[0][0].label == 5 and spans[0][0].start == 1 and spans[0][0].end == 3
+
+
+def test_merge_tokens_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="same shape"):
+        ctc_multi.merge_tokens(np.zeros((2, 3), dtype=np.int32), np.zeros((2, 4)))
+
+
+# ---------------------------------------------------------------------------------------------
+# ctc_posteriors
+# ---------------------------------------------------------------------------------------------
+
+
+def brute_force_posteriors(log_probs, label, blank_id, num_labels):
+    """(Tv, N) label posteriors and (Tv,) blank posteriors as probability-weighted path counts."""
+    paths, states, scores = valid_alignments(log_probs, label, blank_id)
+    weights = np.exp(scores - np.logaddexp.reduce(scores))
+    labels = np.stack([(weights[:, None] * (states == 2 * n + 1)).sum(axis=0) for n in range(num_labels)], axis=1)
+    return labels, (weights[:, None] * (paths == blank_id)).sum(axis=0)
+
+
+@pytest.mark.parametrize(("case", "dtype"), CASES_AND_DTYPES)
+def test_posteriors_match_brute_force(xp, case, dtype):
+    problem, blank_id = make_problem(case, seed=10)
+    arrays, held = to_backend(xp, problem, dtype)
+    posteriors = ctc_multi.ctc_posteriors(*arrays, blank_id=blank_id)
+    xp.check_type(posteriors)
+    assert posteriors.dtype == xp.dtype(dtype)
+    posteriors = xp.to_numpy(posteriors)
+    (batch, frames), num_labels = problem.logit_paddings.shape, problem.labels.shape[1]
+    assert posteriors.shape == (batch, frames, num_labels)
+    tolerance = TOLERANCE[dtype]
+    padded = problem.logit_paddings != 0
+    assert np.all(posteriors[padded] == 0.0)
+    for b in range(batch):
+        valid, log_probs, label = sequence(held, b)
+        expected, blank = brute_force_posteriors(log_probs, label, blank_id, num_labels)
+        np.testing.assert_allclose(posteriors[b, valid], expected, **tolerance)
+        # Every valid frame is on exactly one label or on a blank.
+        np.testing.assert_allclose(posteriors[b, valid].sum(axis=1) + blank, np.ones(len(valid)), **tolerance)
+
+
+def test_posteriors_by_hand(xp):
+    """Uniform logits. Sequences that cannot be aligned get zeros, and so do padded frames;
+    "1 2" on 2 frames has one path; "3" on 1 frame too; "1" on 2 frames: "11", "10", "01"."""
+    problem = hand_problem([([1, 1], 2), ([1, 2], 2), ([3], 1), ([1], 2)], logits=np.zeros(SHAPE[:3]))
+    arrays, _ = to_backend(xp, problem)
+    posteriors = xp.to_numpy(ctc_multi.ctc_posteriors(*arrays))
+    expected = np.zeros(SHAPE[:2] + SHAPE[3:])
+    expected[1, :2, :2] = np.eye(2)
+    expected[2, 0, 0] = 1.0
+    expected[3, :2, 0] = 2 / 3
+    np.testing.assert_allclose(posteriors, expected, **TOLERANCE["float64"])

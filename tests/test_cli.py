@@ -1,0 +1,236 @@
+"""``ctc-multi compare`` end to end, each run in a subprocess as a user would start it.
+
+The runs are small (tiny sizes, one repeat) so the file takes seconds per framework installed.
+Every test works in the numpy-only environment: backends that are missing must show up as
+"not installed" rows, and the tests that need JAX or torch say so in their skip marks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import installed
+
+from ctc_multi import compare
+from ctc_multi.shapes import Shape, random_problem
+
+TINY = ["--batch", "2", "--frames", "20", "--classes", "5", "--labels", "4", "--repeats", "1"]
+ROW_KEYS = {
+    "backend", "anchor", "status", "device", "dtype", "loss_max_abs_diff", "grad_max_abs_diff",
+    "forward_ms", "forward_backward_ms", "ratio_to_fastest_anchor", "message", "fails",
+}
+
+
+def run_cli(*args: str, cwd, script: str | None = None) -> subprocess.CompletedProcess:
+    """``python -m ctc_multi ARGS``, or ``python -c SCRIPT`` (which calls ctc_multi.cli.main itself)."""
+    command = [sys.executable, "-c", script] if script else [sys.executable, "-m", "ctc_multi", *args]
+    env = dict(os.environ, COLUMNS="200")  # one table line per row, whatever the terminal
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def expected_rows() -> list[str]:
+    """The rows a default run shows: the default backends, then the anchors of their frameworks."""
+    return [contender.name for contender in compare.select(None)]
+
+
+def table_line(stdout: str, backend: str) -> str:
+    lines = [line for line in stdout.splitlines() if line.startswith("│") and line.split("│")[1].strip() == backend]
+    assert len(lines) == 1, f"no single table row for {backend!r} in:\n{stdout}"
+    return lines[0]
+
+
+def save_problem(path, **changes) -> None:
+    problem = random_problem(Shape("tiny", B=3, T=24, K=6, N=5), seed=3, dtype="float32")._asdict()
+    problem.update(changes)
+    np.savez(path, **{key: value for key, value in problem.items() if value is not None})
+
+
+def test_default_run_prints_every_backend_and_json_has_one_row_each(tmp_path):
+    """The README's first command, `ctc-multi compare` (one repeat instead of five), with --json."""
+    result = run_cli("compare", "--repeats", "1", "--json", "out.json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "shape small (B=8, T=100, K=32, N=20)" in result.stdout
+    for contender in compare.select(None):
+        line = table_line(result.stdout, contender.name)
+        assert ("not installed" in line) == bool(contender.missing()), line
+        if not contender.missing():
+            assert line.rstrip(" │").endswith("ok"), line
+
+    data = json.loads((tmp_path / "out.json").read_text())
+    assert set(data) == {"problem", "device", "repeats", "reference", "tolerance", "exit_code", "rows"}
+    assert data["problem"] == dict(source="shape small (B=8, T=100, K=32, N=20)", B=8, T=100, K=32, N=20, dtype="float32", blank_id=0, seed=0)
+    assert data["device"] == "cpu" and data["repeats"] == 1 and data["exit_code"] == 0
+    assert "float64" in data["reference"]
+    assert [row["backend"] for row in data["rows"]] == expected_rows()
+    for row in data["rows"]:
+        assert set(row) == ROW_KEYS
+        if row["status"] == "ok":
+            assert row["dtype"] == "float32" and row["forward_ms"] > 0 and row["forward_backward_ms"] > 0
+            assert row["grad_max_abs_diff"] <= data["tolerance"]["grad"]
+        else:
+            assert row["status"] == "not installed" and row["forward_ms"] is None
+
+
+def test_custom_sizes(tmp_path):
+    result = run_cli("compare", "--backends", "numpy", *TINY, "--dtype", "float64", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "shape custom (B=2, T=20, K=5, N=4), float64" in result.stdout
+    assert "float64" in table_line(result.stdout, "numpy")
+
+
+def test_input_file_with_padding_between_frames(tmp_path):
+    """Padded frames in the middle: torch.nn.functional.ctc_loss gets its valid frames moved to the front."""
+    problem = random_problem(Shape("tiny", B=3, T=24, K=6, N=5), seed=3, dtype="float64")
+    logit_paddings = problem.logit_paddings.copy()
+    logit_paddings[:, 2:5] = 1.0
+    save_problem(tmp_path / "mine.npz", logits=problem.logits, logit_paddings=logit_paddings, blank_id=np.int64(0))
+    # torch alone of the frameworks: its anchor is the one that moves the valid frames.
+    result = run_cli("compare", "--input", "mine.npz", "--backends", "numpy,torch", "--repeats", "1", "--json", "out.json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    data = json.loads((tmp_path / "out.json").read_text())
+    assert data["problem"]["source"] == "file mine.npz"
+    assert (data["problem"]["B"], data["problem"]["T"], data["problem"]["K"], data["problem"]["N"]) == (3, 24, 6, 5)
+    assert data["problem"]["dtype"] == "float64"  # the file's dtype, since --dtype is not given
+    for row in data["rows"]:
+        assert row["status"] in ("ok", "not installed"), row
+
+
+@pytest.mark.parametrize(
+    "changes, expected",
+    [
+        (dict(label_paddings=None), "missing key 'label_paddings'"),
+        (dict(logit_paddings=np.zeros((3, 23))), "logit_paddings must have shape (3, 24)"),
+        (dict(labels=np.zeros((3, 5))), "labels must be an integer array"),
+        (dict(blank_id=np.int64(6)), "blank_id must be in [0, K) = [0, 6)"),
+    ],
+    ids=["missing-key", "wrong-shape", "float-labels", "blank-out-of-range"],
+)
+def test_broken_input_file_is_a_clear_error(tmp_path, changes, expected):
+    save_problem(tmp_path / "bad.npz", **changes)
+    result = run_cli("compare", "--input", "bad.npz", "--backends", "numpy", cwd=tmp_path)
+    assert result.returncode == 2
+    assert expected in result.stderr and "bad.npz" in result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+def test_input_that_is_not_an_npz(tmp_path):
+    (tmp_path / "notes.npz").write_text("not an archive")
+    result = run_cli("compare", "--input", "notes.npz", cwd=tmp_path)
+    assert result.returncode == 2 and "not an .npz archive" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_numpy_backend_alone_imports_no_framework(tmp_path):
+    script = f"""
+import sys
+from ctc_multi.cli import main
+code = main(["compare", "--backends", "numpy", *{TINY!r}])
+assert code == 0, code
+imported = [name for name in ("jax", "torch", "optax") if name in sys.modules]
+assert not imported, imported
+"""
+    result = run_cli(cwd=tmp_path, script=script)
+    assert result.returncode == 0, result.stderr
+    table_line(result.stdout, "numpy")
+
+
+def test_missing_framework_is_a_row_not_a_traceback(tmp_path):
+    """torch hidden from the import system (as in the numpy-only environment): its two rows say so."""
+    script = f"""
+import sys
+sys.modules["torch"] = None  # importlib.util.find_spec("torch") now returns None
+from ctc_multi.cli import main
+sys.exit(main(["compare", "--backends", "numpy,torch", *{TINY!r}]))
+"""
+    result = run_cli(cwd=tmp_path, script=script)
+    assert result.returncode == 0, result.stderr
+    assert "not installed" in table_line(result.stdout, "torch")
+    assert "not installed" in table_line(result.stdout, "torch F.ctc_loss")
+
+
+def test_exit_code_1_when_a_backend_is_outside_tolerance(tmp_path):
+    script = f"""
+import sys
+from ctc_multi import compare
+from ctc_multi.cli import main
+compare.TOLERANCES["float32"] = compare.Tolerance(loss=0.0, grad=0.0)  # float32 never matches float64 exactly
+sys.exit(main(["compare", "--backends", "numpy", *{TINY!r}]))
+"""
+    result = run_cli(cwd=tmp_path, script=script)
+    assert result.returncode == 1
+    assert "outside tolerance" in table_line(result.stdout, "numpy")
+    assert "outside tolerance or failed: numpy" in result.stderr
+
+
+def test_a_failing_backend_is_an_error_row_and_exit_code_1():
+    def broken(case, device):
+        raise RuntimeError("broken on purpose")
+
+    case = compare.generated_case(Shape("tiny", B=2, T=10, K=4, N=3), seed=0, dtype="float32")
+    contenders = [compare.BACKENDS["numpy"], dataclasses.replace(compare.BACKENDS["numpy"], name="broken", prepare=broken)]
+    report = compare.run(case, contenders, repeats=1)
+    assert [row.status for row in report.rows] == ["ok", "error"]
+    assert report.rows[1].message == "RuntimeError: broken on purpose"
+    assert report.exit_code == 1
+
+
+def test_anchors_never_set_the_exit_code():
+    case = compare.generated_case(Shape("tiny", B=2, T=10, K=4, N=3), seed=0, dtype="float32")
+    report = compare.Report(case, "cpu", 1, rows=[compare.Row("optax.ctc_loss", anchor=True, status="outside tolerance")])
+    assert report.exit_code == 0
+    report.rows.append(compare.Row("numpy", anchor=False, status="outside tolerance"))
+    assert report.exit_code == 1
+
+
+def test_plot_writes_a_png(tmp_path):
+    result = run_cli("compare", "--backends", "numpy", *TINY, "--plot", "times.png", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    png = (tmp_path / "times.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert 5_000 < len(png) < 2_000_000
+
+
+def test_cuda_without_a_usable_backend_is_a_clear_error(tmp_path):
+    result = run_cli("compare", "--device", "cuda", "--backends", "numpy", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "--device cuda: no selected backend can use it" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_no_cuda_device_is_unavailable(framework):
+    """In process: which message a torch or JAX row gets on a machine without a GPU."""
+    if not installed(framework):
+        pytest.skip(f"{framework} is not installed")
+    resolve = {"torch": compare.torch_device, "jax": compare.jax_device}[framework]
+    try:
+        resolve("cuda")
+    except compare.Unavailable as error:
+        assert ("CUDA" in str(error)) or ("GPU" in str(error))
+    else:
+        pytest.skip(f"{framework} has a GPU on this machine")
+
+
+def test_usage_errors_exit_2(tmp_path):
+    for args, expected in (
+        (["--backends", "numpy,tensorflow"], "unknown backend 'tensorflow'"),
+        (["--repeats", "0"], "must be a positive integer"),
+        (["--input", "x.npz", "--shape", "char"], "--input takes its sizes from the file"),
+    ):
+        result = run_cli("compare", *args, cwd=tmp_path)
+        assert result.returncode == 2 and expected in result.stderr, (args, result.stderr)
+
+
+def test_help_names_the_reference_and_the_exit_codes(tmp_path):
+    result = run_cli("compare", "--help", cwd=tmp_path)
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    assert "float64 reference" in text and "NumPy backend in float64" in text
+    assert "Anchors are shown for comparison only and never set the exit code" in text
+    for name in ("small 8,100,32,20", "char 32,500,32,100", "big 64,1000,1024,200"):
+        assert name in text

@@ -1,0 +1,285 @@
+"""torch's conventions on every backend: torch_ctc_loss, lengths_to_paddings, paddings_to_lengths.
+
+``torch_ctc_loss`` is compared with ``torch.nn.functional.ctc_loss`` called with the very same
+input form (padded or concatenated targets, lengths as arrays or tuples, batched or not), in
+float64, values and gradients with respect to the log probabilities. Those tests skip when
+torch is not installed, since torch is the reference; the inputs come from every backend
+through the ``xp`` fixture. The length/padding helpers are checked by exact arithmetic.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+from conftest import TOLERANCE
+from helpers import autodiff, compiled
+from torch_reference import require_torch
+
+import ctc_multi
+
+# ---------------------------------------------------------------------------------------------
+# lengths_to_paddings / paddings_to_lengths
+# ---------------------------------------------------------------------------------------------
+
+LENGTHS = np.array([3, 0, 5, 1])
+PADDINGS = np.array([[0, 0, 0, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0], [0, 1, 1, 1, 1]], dtype=np.float32)
+
+
+def test_lengths_and_paddings_round_trip(xp):
+    paddings = ctc_multi.lengths_to_paddings(xp.asarray(LENGTHS), 5)
+    xp.check_type(paddings)
+    assert paddings.dtype == xp.dtype("float32")
+    np.testing.assert_array_equal(xp.to_numpy(paddings), PADDINGS)
+    lengths = ctc_multi.paddings_to_lengths(paddings)
+    xp.check_type(lengths)
+    np.testing.assert_array_equal(xp.to_numpy(lengths), LENGTHS)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "int32", "bool"])
+def test_lengths_to_paddings_in_a_chosen_dtype(xp, dtype):
+    paddings = ctc_multi.lengths_to_paddings(xp.asarray(LENGTHS), 5, dtype=xp.dtype(dtype))
+    assert paddings.dtype == xp.dtype(dtype)
+    np.testing.assert_array_equal(xp.to_numpy(paddings), PADDINGS.astype(dtype))
+    np.testing.assert_array_equal(xp.to_numpy(ctc_multi.paddings_to_lengths(paddings)), LENGTHS)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int64", "bool"])
+def test_paddings_to_lengths_counts_valid_entries_anywhere(xp, dtype):
+    """Padding in the middle (which ctc_loss allows) still counts as padding."""
+    paddings = np.array([[0, 1, 0, 1, 0], [1, 1, 0, 0, 1]]).astype(dtype)
+    lengths = ctc_multi.paddings_to_lengths(xp.asarray(paddings))
+    xp.check_type(lengths)
+    assert xp.to_numpy(lengths).dtype.kind == "i"
+    np.testing.assert_array_equal(xp.to_numpy(lengths), [3, 2])
+
+
+def test_lengths_as_lists_and_tuples_give_numpy():
+    for lengths in (list(LENGTHS), tuple(int(n) for n in LENGTHS)):
+        paddings = ctc_multi.lengths_to_paddings(lengths, 5)
+        assert isinstance(paddings, np.ndarray)
+        np.testing.assert_array_equal(paddings, PADDINGS)
+
+
+def test_lengths_and_paddings_under_jax_jit(jax_x64):
+    jax = jax_x64
+    import jax.numpy as jnp
+
+    to_paddings = jax.jit(lambda lengths: ctc_multi.lengths_to_paddings(lengths, 5))
+    np.testing.assert_array_equal(np.asarray(to_paddings(jnp.asarray(LENGTHS))), PADDINGS)
+    to_lengths = jax.jit(ctc_multi.paddings_to_lengths)
+    np.testing.assert_array_equal(np.asarray(to_lengths(jnp.asarray(PADDINGS))), LENGTHS)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: ctc_multi.lengths_to_paddings(np.array([[1, 2]]), 3), "lengths must be a \\(B,\\)-array"),
+        (lambda: ctc_multi.lengths_to_paddings(np.array([1.0, 2.0]), 3), "lengths must hold integers"),
+        (lambda: ctc_multi.lengths_to_paddings(np.array([1, 4]), 3), "lengths must lie in \\[0, max_len\\]"),
+        (lambda: ctc_multi.lengths_to_paddings(np.array([-1, 2]), 3), "lengths must lie in \\[0, max_len\\]"),
+        (lambda: ctc_multi.lengths_to_paddings(np.array([1, 2]), -3), "max_len"),
+        (lambda: ctc_multi.lengths_to_paddings(np.array([1, 2]), 3.0), "max_len"),
+        (lambda: ctc_multi.paddings_to_lengths(np.array([0, 1])), "paddings must be a \\(B, T\\)-array"),
+        (lambda: ctc_multi.paddings_to_lengths(np.array([[0, 2]])), "paddings must contain only 0"),
+    ],
+)
+def test_helper_errors_name_the_argument(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+# ---------------------------------------------------------------------------------------------
+# torch_ctc_loss against torch.nn.functional.ctc_loss, with the same input form
+# ---------------------------------------------------------------------------------------------
+
+
+def torch_style_problem(seed: int, *, infeasible: bool, blank: int = 0):
+    """(T=9, B=4, C=5) float64 log probabilities, lengths, and targets in both of torch's forms.
+
+    Sequence 1 has an empty target; with ``infeasible`` the last one has targets [c, c] and
+    two frames (a blank must separate the repeats: three frames needed).
+    """
+    rng = np.random.default_rng(seed)
+    frames, batch, num_classes, width = 9, 4, 5, 4
+    logits = rng.normal(scale=2.0, size=(frames, batch, num_classes))
+    log_probs = logits - np.log(np.exp(logits).sum(axis=2, keepdims=True))
+    classes = [c for c in range(num_classes) if c != blank]
+    padded = rng.choice(classes, size=(batch, width))  # values past each length are ignored
+    target_lengths = np.array([3, 0, 4, 2])
+    input_lengths = np.array([9, 6, 8, 7])
+    padded[2, 1] = padded[2, 2]  # a repeat that needs a blank in between
+    if infeasible:
+        padded[3, :2] = classes[0]
+        input_lengths[3] = 2
+    concatenated = np.concatenate([padded[b, : target_lengths[b]] for b in range(batch)])
+    return log_probs, padded, concatenated, input_lengths, target_lengths
+
+
+def torch_expected(log_probs, targets, input_lengths, target_lengths, **options):
+    """torch.nn.functional.ctc_loss and d sum(loss) / d log_probs, with the arguments in the same form."""
+    torch = require_torch()
+
+    def as_torch(x):
+        return torch.as_tensor(x) if isinstance(x, np.ndarray) else x
+
+    leaf = torch.tensor(log_probs, dtype=torch.float64, requires_grad=True)
+    loss = torch.nn.functional.ctc_loss(leaf, as_torch(targets), as_torch(input_lengths), as_torch(target_lengths), **options)
+    loss.sum().backward()
+    return loss.detach().numpy(), leaf.grad.numpy()
+
+
+def check_against_torch(xp, log_probs, targets, input_lengths, target_lengths, *, lengths_as: str, **options):
+    """torch_ctc_loss on ``xp`` inputs against torch on the same form; lengths as arrays or tuples.
+
+    Array lengths are arguments (traced under jax.jit); tuples stay Python values.
+    """
+    if lengths_as == "tuple":
+        lengths = tuple(int(n) for n in np.atleast_1d(input_lengths)), tuple(int(n) for n in np.atleast_1d(target_lengths))
+        expected = torch_expected(log_probs, targets, *lengths, **options)
+        array_lengths = ()
+    else:
+        expected = torch_expected(log_probs, targets, np.asarray(input_lengths), np.asarray(target_lengths), **options)
+        array_lengths = xp.asarray(np.asarray(input_lengths)), xp.asarray(np.asarray(target_lengths))
+
+    def function(log_probs, targets, *traced_lengths):
+        return ctc_multi.torch_ctc_loss(log_probs, targets, *(traced_lengths or lengths), **options)
+
+    arrays = (xp.asarray(log_probs), xp.asarray(targets)) + array_lengths
+    loss = compiled(xp, function)(*arrays)
+    xp.check_type(loss)
+    assert tuple(loss.shape) == np.shape(expected[0])
+    np.testing.assert_allclose(xp.to_numpy(loss), expected[0], **TOLERANCE["torch_float64"])
+    gradient = autodiff(xp, lambda *args: function(*args).sum(), *arrays)
+    if gradient is not None:
+        np.testing.assert_allclose(gradient, expected[1], **TOLERANCE["torch_float64"])
+
+
+@pytest.mark.parametrize("zero_infinity", [False, True])
+@pytest.mark.parametrize("lengths_as", ["array", "tuple"])
+@pytest.mark.parametrize("targets_form", ["padded", "concatenated"])
+def test_torch_ctc_loss_input_forms_match_torch(xp, targets_form, lengths_as, zero_infinity):
+    require_torch()
+    # With zero_infinity=False torch gives inf (and NaN gradients) for an infeasible sequence.
+    log_probs, padded, concatenated, input_lengths, target_lengths = torch_style_problem(1, infeasible=zero_infinity)
+    targets = padded if targets_form == "padded" else concatenated
+    options = dict(reduction="none", zero_infinity=zero_infinity)
+    check_against_torch(xp, log_probs, targets, input_lengths, target_lengths, lengths_as=lengths_as, **options)
+
+
+@pytest.mark.parametrize("zero_infinity", [False, True])
+@pytest.mark.parametrize(("reduction", "targets_form"), [("mean", "padded"), ("sum", "padded"), ("mean", "concatenated")])
+def test_torch_ctc_loss_reductions_match_torch(xp, reduction, targets_form, zero_infinity):
+    """"mean" divides by the target lengths (sequence 1 has none: clamped to 1), then averages."""
+    require_torch()
+    log_probs, padded, concatenated, input_lengths, target_lengths = torch_style_problem(1, infeasible=zero_infinity)
+    targets = padded if targets_form == "padded" else concatenated
+    options = dict(reduction=reduction, zero_infinity=zero_infinity)
+    check_against_torch(xp, log_probs, targets, input_lengths, target_lengths, lengths_as="array", **options)
+
+
+@pytest.mark.parametrize("targets_form", ["padded", "concatenated"])
+def test_torch_ctc_loss_matches_torch_with_another_blank(xp, targets_form):
+    require_torch()
+    log_probs, padded, concatenated, input_lengths, target_lengths = torch_style_problem(2, infeasible=False, blank=3)
+    targets = padded if targets_form == "padded" else concatenated
+    check_against_torch(xp, log_probs, targets, input_lengths, target_lengths, lengths_as="array", blank=3, reduction="none")
+
+
+@pytest.mark.parametrize(
+    ("lengths_as", "targets_shape", "reduction"),
+    [
+        ("array", "1-D", "none"),
+        ("array", "(1, S)", "none"),
+        ("tuple", "1-D", "none"),
+        ("tuple", "(1, S)", "mean"),
+        ("array", "1-D", "sum"),
+        ("array", "(1, S)", "mean"),
+    ],
+)
+def test_torch_ctc_loss_unbatched_matches_torch(xp, lengths_as, targets_shape, reduction):
+    """(T, C) log probabilities, 0-d array (or one-entry tuple) lengths: a 0-d loss."""
+    require_torch()
+    log_probs, padded, _, input_lengths, target_lengths = torch_style_problem(3, infeasible=False)
+    log_probs, input_length, target_length = log_probs[:, 2], input_lengths[2], target_lengths[2]
+    targets = padded[2, :target_length] if targets_shape == "1-D" else padded[2:3]
+    check_against_torch(xp, log_probs, targets, input_length, target_length, lengths_as=lengths_as, reduction=reduction)
+
+
+def test_infeasible_sequences_stay_finite_where_torch_gives_inf(xp):
+    """The one documented difference: a large finite loss and a finite gradient instead of inf / NaN."""
+    require_torch()
+    log_probs, padded, _, input_lengths, target_lengths = torch_style_problem(4, infeasible=True)
+    expected_loss, _ = torch_expected(log_probs, padded, input_lengths, target_lengths, reduction="none")
+    assert np.isinf(expected_loss[3])
+    arrays = xp.asarray(log_probs), xp.asarray(padded), xp.asarray(input_lengths), xp.asarray(target_lengths)
+    loss = xp.to_numpy(compiled(xp, functools.partial(ctc_multi.torch_ctc_loss, reduction="none"))(*arrays))
+    assert np.isfinite(loss[3]) and loss[3] > 1e4
+    np.testing.assert_allclose(loss[:3], expected_loss[:3], **TOLERANCE["torch_float64"])
+    gradient = autodiff(xp, lambda *args: ctc_multi.torch_ctc_loss(*args, reduction="none").sum(), *arrays)
+    if gradient is not None:
+        assert np.all(np.isfinite(gradient))
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_torch_ctc_loss_gradcheck(reduction):
+    """torch only: autograd.gradcheck in float64; log_probs need not be normalised (the log-softmax is inside)."""
+    torch = require_torch()
+    log_probs, padded, concatenated, input_lengths, target_lengths = torch_style_problem(5, infeasible=True)
+    leaf = torch.tensor(log_probs[:5, :, :4] + 0.3, requires_grad=True)  # T=5, C=4, not normalised
+    lengths = torch.as_tensor(np.minimum(input_lengths, 5)), torch.as_tensor(np.minimum(target_lengths, 2))
+    targets = torch.as_tensor(padded % 4)
+    targets[targets == 0] = 1
+
+    def loss(x):
+        return ctc_multi.torch_ctc_loss(x, targets, *lengths, reduction=reduction, zero_infinity=True)
+
+    assert torch.autograd.gradcheck(loss, (leaf,), eps=1e-6, atol=1e-7)
+
+
+def test_torch_ctc_loss_under_jax_jit_with_traced_lengths(jax_x64):
+    """Traced lengths: the concatenated targets are spread over their total length (a static bound)."""
+    require_torch()
+    jax = jax_x64
+    import jax.numpy as jnp
+
+    log_probs, _, concatenated, input_lengths, target_lengths = torch_style_problem(6, infeasible=False)
+    expected_loss, expected_grad = torch_expected(log_probs, concatenated, input_lengths, target_lengths)
+    arrays = tuple(jnp.asarray(a) for a in (log_probs, concatenated, input_lengths, target_lengths))
+    loss, gradient = jax.jit(jax.value_and_grad(ctc_multi.torch_ctc_loss))(*arrays)
+    np.testing.assert_allclose(float(loss), expected_loss, **TOLERANCE["torch_float64"])
+    np.testing.assert_allclose(np.asarray(gradient), expected_grad, **TOLERANCE["torch_float64"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors name the argument
+# ---------------------------------------------------------------------------------------------
+
+_LOG_PROBS = np.log(np.full((6, 2, 4), 0.25))
+_TARGETS = np.array([[1, 2, 0], [3, 0, 0]])
+
+
+@pytest.mark.parametrize(
+    ("arguments", "options", "message"),
+    [
+        ((_LOG_PROBS[0, 0], _TARGETS, [6, 6], [2, 1]), {}, "log_probs must be"),
+        ((_LOG_PROBS[None], _TARGETS, [6, 6], [2, 1]), {}, "log_probs must be"),
+        ((_LOG_PROBS, _TARGETS.astype(float), [6, 6], [2, 1]), {}, "targets must hold integers"),
+        ((_LOG_PROBS, _TARGETS[None], [6, 6], [2, 1]), {}, "targets must be"),
+        ((_LOG_PROBS, _TARGETS[:1], [6, 6], [2, 1]), {}, "targets must be a \\(B, S\\)-array"),
+        ((_LOG_PROBS, _TARGETS, [6, 6], [4, 1]), {}, "targets of shape \\(2, 3\\) are narrower"),
+        ((_LOG_PROBS, np.array([1, 2, 3, 3]), [6, 6], [2, 1]), {}, "sum\\(target_lengths\\) = 3"),
+        ((_LOG_PROBS, _TARGETS, [6, 6, 6], [2, 1]), {}, "input_lengths must be a \\(B,\\)-array"),
+        ((_LOG_PROBS, _TARGETS, [6, 7], [2, 1]), {}, "input_lengths must lie in \\[0, T\\]"),
+        ((_LOG_PROBS, _TARGETS, [6.0, 6.0], [2, 1]), {}, "input_lengths must hold integers"),
+        ((_LOG_PROBS, _TARGETS, [6, 6], [2, -1]), {}, "target_lengths must be non-negative"),
+        ((_LOG_PROBS, _TARGETS, [6, 6], 2), {}, "target_lengths must be a \\(B,\\)-array"),
+        ((_LOG_PROBS, _TARGETS, [6, 6], [2, 1]), dict(blank=4), "blank must be an integer in \\[0, C\\)"),
+        ((_LOG_PROBS, _TARGETS, [6, 6], [2, 1]), dict(blank=1.0), "blank must be an integer"),
+        ((_LOG_PROBS, _TARGETS, [6, 6], [2, 1]), dict(reduction="avg"), "reduction must be one of"),
+    ],
+)
+def test_torch_ctc_loss_errors_name_the_argument(arguments, options, message):
+    with pytest.raises(ValueError, match=message):
+        ctc_multi.torch_ctc_loss(*arguments, **options)

@@ -1,0 +1,173 @@
+"""Bad input gets a ValueError that names the argument, on every backend.
+
+Each message must start with the name of the argument at fault (so "logits" does not pass for
+"logit_paddings") and, for shapes, show what was given. Value checks (label range, right
+padding, 0/1 paddings) run whenever the values are concrete; under jax.jit they cannot.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+from helpers import Problem
+
+import ctc_multi
+
+B, T, K, N = 2, 4, 3, 2
+
+GOOD = Problem(
+    np.zeros((B, T, K)),
+    np.array([[0, 0, 0, 1], [0, 0, 0, 0.0]]),
+    np.array([[1, 2], [2, 0]]),
+    np.array([[0, 0], [0, 1.0]]),
+)
+
+
+def check_raises(xp, problem: Problem, argument: str, *details: str, **options) -> None:
+    """Both public functions raise a ValueError whose message starts with ``argument``."""
+    arrays = (xp.asarray(problem.logits), xp.asarray(problem.logit_paddings), xp.asarray(problem.labels), xp.asarray(problem.label_paddings))
+    pattern = rf"^{argument}\b" + "".join(rf"(?s:.*){re.escape(detail)}" for detail in details)
+    for function in (ctc_multi.ctc_loss, ctc_multi.ctc_loss_with_forward_probs):
+        with pytest.raises(ValueError, match=pattern):
+            function(*arrays, **options)
+
+
+def test_good_input_does_not_raise(xp):
+    """The baseline every error case below changes in one way."""
+    arrays = (xp.asarray(GOOD.logits), xp.asarray(GOOD.logit_paddings), xp.asarray(GOOD.labels), xp.asarray(GOOD.label_paddings))
+    loss = ctc_multi.ctc_loss(*arrays, blank_id=0, log_epsilon=-1e5)
+    xp.check_type(loss)
+
+
+# --- shapes and ranks ---------------------------------------------------------------------------
+
+
+def test_logits_of_wrong_rank(xp):
+    check_raises(xp, GOOD._replace(logits=np.zeros((B, T))), "logits", "(2, 4)")
+    check_raises(xp, GOOD._replace(logits=np.zeros((1, B, T, K))), "logits", "(1, 2, 4, 3)")
+
+
+def test_labels_of_wrong_rank(xp):
+    check_raises(xp, GOOD._replace(labels=np.array([1, 2])), "labels", "(2,)")
+
+
+def test_batch_mismatch(xp):
+    labels = np.ones((B + 1, N), dtype=np.int64)
+    check_raises(xp, GOOD._replace(labels=labels, label_paddings=np.zeros((B + 1, N))), "labels", "(3, 2)")
+
+
+def test_logit_paddings_shape_mismatch(xp):
+    check_raises(xp, GOOD._replace(logit_paddings=np.zeros((B, T + 1))), "logit_paddings", "(2, 4)", "(2, 5)")
+    check_raises(xp, GOOD._replace(logit_paddings=np.zeros((B, T, 1))), "logit_paddings", "(2, 4)", "(2, 4, 1)")
+
+
+def test_label_paddings_shape_mismatch(xp):
+    check_raises(xp, GOOD._replace(label_paddings=np.zeros((B, N + 1))), "label_paddings", "(2, 2)", "(2, 3)")
+    check_raises(xp, GOOD._replace(label_paddings=np.zeros((B,))), "label_paddings", "(2, 2)", "(2,)")
+
+
+def test_no_classes(xp):
+    check_raises(xp, GOOD._replace(logits=np.zeros((B, T, 0))), "logits", "(2, 4, 0)")
+
+
+# --- options ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("blank_id", [-1, K, K + 5])
+def test_blank_id_outside_the_classes(xp, blank_id):
+    check_raises(xp, GOOD, "blank_id", str(blank_id), blank_id=blank_id)
+
+
+@pytest.mark.parametrize("blank_id", [1.0, "0", None, True, np.array(1.0)], ids=["float", "str", "None", "bool", "float_array"])
+def test_blank_id_not_an_integer(xp, blank_id):
+    check_raises(xp, GOOD, "blank_id", blank_id=blank_id)
+
+
+@pytest.mark.parametrize("log_epsilon", [float("nan"), float("inf"), float("-inf"), 0.0, 1e5, "big"])
+def test_log_epsilon_not_finite_and_negative(xp, log_epsilon):
+    check_raises(xp, GOOD, "log_epsilon", log_epsilon=log_epsilon)
+
+
+# --- dtypes -------------------------------------------------------------------------------------
+
+
+def test_labels_not_integers(xp):
+    check_raises(xp, GOOD._replace(labels=GOOD.labels.astype(np.float64)), "labels", "float")
+    check_raises(xp, GOOD._replace(labels=GOOD.labels != 0), "labels", "bool")
+
+
+def test_logits_not_floating(xp):
+    check_raises(xp, GOOD._replace(logits=np.zeros((B, T, K), dtype=np.int64)), "logits", "int")
+    check_raises(xp, GOOD._replace(logits=np.zeros((B, T, K), dtype=bool)), "logits", "bool")
+
+
+# --- values, checked whenever they are concrete ---------------------------------------------------
+
+
+@pytest.mark.parametrize("bad_label", [-1, K, 100])
+def test_labels_outside_the_classes_where_not_padded(xp, bad_label):
+    labels = GOOD.labels.copy()
+    labels[1, 0] = bad_label
+    check_raises(xp, GOOD._replace(labels=labels), "labels", f"[0, {K})")
+
+
+def test_label_paddings_not_right_padded(xp):
+    check_raises(xp, GOOD._replace(label_paddings=np.array([[1, 0], [0, 0.0]])), "label_paddings", "right")
+
+
+@pytest.mark.parametrize("argument", ["logit_paddings", "label_paddings"])
+@pytest.mark.parametrize("bad_value", [0.5, 2.0, -1.0, float("nan")])
+def test_paddings_not_zero_or_one(xp, argument, bad_value):
+    paddings = getattr(GOOD, argument).copy()
+    paddings[0, 0] = bad_value
+    check_raises(xp, GOOD._replace(**{argument: paddings}), argument)
+
+
+@pytest.mark.parametrize("argument", ["logit_paddings", "label_paddings"])
+def test_integer_paddings_not_zero_or_one(xp, argument):
+    paddings = getattr(GOOD, argument).astype(np.int64)
+    paddings[0, 0] = 2
+    check_raises(xp, GOOD._replace(**{argument: paddings}), argument)
+
+
+# --- under jax.jit ------------------------------------------------------------------------------
+
+
+def test_traced_blank_id_under_jit(jax_x64):
+    """blank_id picks lattice states, so it must be static under jit: a traced one is refused."""
+    jax = jax_x64
+    arrays = [jax.numpy.asarray(a) for a in GOOD]
+    with pytest.raises(ValueError, match=r"^blank_id\b"):
+        jax.jit(lambda blank_id: ctc_multi.ctc_loss(*arrays, blank_id=blank_id))(0)
+
+
+def test_shape_checks_still_run_under_jit(jax_x64):
+    jax = jax_x64
+    bad = GOOD._replace(logit_paddings=np.zeros((B, T + 1)))
+    with pytest.raises(ValueError, match=r"^logit_paddings\b"):
+        jax.jit(ctc_multi.ctc_loss)(*[jax.numpy.asarray(a) for a in bad])
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        GOOD._replace(label_paddings=np.array([[1, 0], [0, 2.0]])),
+        GOOD._replace(logit_paddings=np.array([[0, 0.5, 0, 1], [0, 0, 0, 0.0]])),
+        GOOD._replace(labels=np.array([[1, 7], [2, 0]])),
+    ],
+    ids=["label_paddings", "logit_paddings", "labels"],
+)
+def test_value_checks_cannot_run_under_jit(jax_x64, bad):
+    """Documented limitation: traced values cannot be inspected, so jit runs without raising.
+
+    The same input raises outside jit (the tests above); inside, the result is whatever the
+    recursion makes of it, never an exception.
+    """
+    jax = jax_x64
+    arrays = [jax.numpy.asarray(a) for a in bad]
+    with pytest.raises(ValueError):
+        ctc_multi.ctc_loss(*arrays)
+    loss = jax.jit(ctc_multi.ctc_loss)(*arrays)
+    assert loss.shape == (B,)

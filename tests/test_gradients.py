@@ -1,0 +1,406 @@
+"""Gradients on every backend: ctc_loss_and_grad, jax.grad / torch autograd of ctc_loss, options.
+
+Every test body runs on each installed backend through the ``xp`` fixture, unless its name says
+which framework it is about. Expected values come from the float64 reference (``reference.py``),
+from ``torch.nn.functional.ctc_loss`` (``torch_reference.py``), from central finite differences,
+or from exact arithmetic on those; never from ctc_multi itself.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+from conftest import TOLERANCE
+from helpers import (
+    LOG_EPSILON,
+    Problem,
+    assert_impossible,
+    autodiff,
+    compiled,
+    frames_needed,
+    poison_padded_frames,
+    random_problem,
+    reference_forward_probs,
+    to_backend,
+)
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from reference import ctc_reference
+from torch_reference import lengths_of, torch_ctc
+
+import ctc_multi
+
+AUTODIFF = ("jax", "torch")
+
+
+def loss_and_grad(xp, problem: Problem, dtype: str = "float64", **options):
+    """ctc_loss_and_grad as NumPy arrays (array type and dtype checked), and the problem as held."""
+    arrays, held = to_backend(xp, problem, dtype)
+    loss, grad = compiled(xp, functools.partial(ctc_multi.ctc_loss_and_grad, **options))(*arrays)
+    xp.check_type(loss, grad)
+    assert loss.dtype == xp.dtype(dtype) and grad.dtype == xp.dtype(dtype)
+    assert tuple(grad.shape) == problem.logits.shape
+    return xp.to_numpy(loss), xp.to_numpy(grad), held
+
+
+def summed_loss(**options):
+    """x, *rest -> sum of ctc_loss(x, *rest, **options), the scalar to differentiate."""
+    return lambda x, *rest: ctc_multi.ctc_loss(x, *rest, **options).sum()
+
+
+def assert_gradient_structure(grad: np.ndarray, logit_paddings: np.ndarray, atol: float) -> None:
+    """Finite; exactly zero on padded frames; each valid frame sums to zero over the classes."""
+    assert np.all(np.isfinite(grad)), "non-finite gradient"
+    padded = logit_paddings != 0
+    assert np.all(grad[padded] == 0.0), "padded frames must get exactly zero gradient"
+    np.testing.assert_allclose(grad[~padded].sum(axis=-1), 0.0, atol=atol)
+
+
+def mixed_problem() -> Problem:
+    """Right-padded (so torch can take it): ordinary, empty labels, repeats, and one that cannot be aligned.
+
+    Row 3 has labels [3, 3] (three frames needed: a blank must separate them) but two frames.
+    """
+    rng = np.random.default_rng(30)
+    input_lengths = np.array([7, 5, 6, 2])
+    logit_paddings = (np.arange(7)[None, :] >= input_lengths[:, None]).astype(np.float64)
+    labels = np.array([[1, 2, 3], [0, 0, 0], [2, 2, 4], [3, 3, 0]])
+    label_paddings = np.array([[0, 0, 0], [1, 1, 1], [0, 0, 0], [0, 0, 1.0]])
+    return Problem(rng.normal(scale=2.0, size=(4, 7, 5)), logit_paddings, labels, label_paddings)
+
+
+INFEASIBLE_ROW = 3
+
+
+def expected_values(held: Problem, *, blank_id: int = 0, zero_infinity: bool = False, reduction: str = "none"):
+    """Reference loss and d(reduced loss)/d logits; zero_infinity and reduction applied by hand (torch's rules)."""
+    loss, grad = ctc_reference(*held, blank_id=blank_id)
+    if zero_infinity:
+        infeasible = ~np.isfinite(loss)
+        loss = np.where(infeasible, 0.0, loss)
+        grad = np.where(infeasible[:, None, None], 0.0, grad)
+    if reduction == "sum":
+        return loss.sum(), grad
+    if reduction == "mean":
+        label_lengths = held.labels.shape[1] - held.label_paddings.sum(axis=1)
+        scale = 1.0 / np.maximum(label_lengths, 1.0) / loss.shape[0]
+        return (loss * scale).sum(), grad * scale[:, None, None]
+    return loss, grad
+
+
+# ---------------------------------------------------------------------------------------------
+# ctc_loss_and_grad against the reference, on every backend
+# ---------------------------------------------------------------------------------------------
+
+CASES = {
+    "plain": dict(B=3, T=8, K=5, N=3),
+    "blank_last": dict(B=3, T=7, K=4, N=3, blank_id=3),
+    "blank_inside": dict(B=3, T=7, K=5, N=3, blank_id=2, pad_label=-1),
+    "middle_padding": dict(B=4, T=9, K=4, N=3, frame_layout="middle", pad_label=-1),
+    "anywhere_padding": dict(B=4, T=8, K=4, N=3, frame_layout="anywhere", blank_id=1),
+    "many_repeats": dict(B=3, T=9, K=3, N=4, repeat_probability=0.7, min_label_length=2),
+    "confident": dict(B=3, T=8, K=5, N=3, scale=12.0),
+}
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_loss_and_grad_match_reference(xp, case, dtype):
+    config = dict(CASES[case])
+    shape = [config.pop(name) for name in ("B", "T", "K", "N")]
+    problem = random_problem(np.random.default_rng(40 + sorted(CASES).index(case)), *shape, **config)
+    blank_id = config.get("blank_id", 0)
+    loss, grad, held = loss_and_grad(xp, problem, dtype, blank_id=blank_id)
+    expected_loss, expected_grad = ctc_reference(*held, blank_id=blank_id)
+    np.testing.assert_allclose(loss, expected_loss, **TOLERANCE[dtype])
+    np.testing.assert_allclose(grad, expected_grad, **TOLERANCE[f"gradient_{dtype}"])
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_padded_frames_get_zero_gradient_and_valid_frames_sum_to_zero(xp, dtype):
+    """NaN / inf stored in padded frames (first, middle, last) reach neither loss nor gradient."""
+    problem = poison_padded_frames(random_problem(np.random.default_rng(50), 4, 9, 5, 3, frame_layout="anywhere"))
+    loss, grad, held = loss_and_grad(xp, problem, dtype)
+    assert_gradient_structure(grad, problem.logit_paddings, atol=TOLERANCE[f"gradient_{dtype}"]["atol"])
+    np.testing.assert_allclose(grad, ctc_reference(*held)[1], **TOLERANCE[f"gradient_{dtype}"])
+
+
+def test_infeasible_sequences_have_finite_gradients(xp):
+    """Too few frames for the labels: a large finite loss and a finite gradient, never NaN."""
+    loss, grad, held = loss_and_grad(xp, mixed_problem())
+    expected_loss, expected_grad = ctc_reference(*held)
+    feasible = np.arange(4) != INFEASIBLE_ROW
+    assert_impossible(loss[INFEASIBLE_ROW])
+    assert_gradient_structure(grad, held.logit_paddings, atol=TOLERANCE["gradient_float64"]["atol"])
+    np.testing.assert_allclose(loss[feasible], expected_loss[feasible], **TOLERANCE["float64"])
+    np.testing.assert_allclose(grad[feasible], expected_grad[feasible], **TOLERANCE["gradient_float64"])
+
+    arrays, _ = to_backend(xp, mixed_problem())
+    autodiff_grad = autodiff(xp, summed_loss(), *arrays)
+    if autodiff_grad is not None:
+        assert np.all(np.isfinite(autodiff_grad))
+        np.testing.assert_allclose(autodiff_grad, grad, **TOLERANCE["gradient_float64"])
+
+
+def test_zero_infinity_zeroes_loss_and_gradient_of_infeasible_sequences(xp):
+    problem = mixed_problem()
+    loss, grad, held = loss_and_grad(xp, problem, zero_infinity=True)
+    assert loss[INFEASIBLE_ROW] == 0.0
+    assert np.all(grad[INFEASIBLE_ROW] == 0.0)
+    expected_loss, expected_grad = expected_values(held, zero_infinity=True)
+    np.testing.assert_allclose(loss, expected_loss, **TOLERANCE["float64"])
+    np.testing.assert_allclose(grad, expected_grad, **TOLERANCE["gradient_float64"])
+
+    arrays, _ = to_backend(xp, problem)
+    only_loss = compiled(xp, functools.partial(ctc_multi.ctc_loss, zero_infinity=True))(*arrays)
+    xp.check_type(only_loss)
+    np.testing.assert_allclose(xp.to_numpy(only_loss), expected_loss, **TOLERANCE["float64"])
+    autodiff_grad = autodiff(xp, summed_loss(zero_infinity=True), *arrays)
+    if autodiff_grad is not None:
+        assert np.all(autodiff_grad[INFEASIBLE_ROW] == 0.0)
+        np.testing.assert_allclose(autodiff_grad, expected_grad, **TOLERANCE["gradient_float64"])
+
+
+@pytest.mark.parametrize("zero_infinity", [False, True])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_reductions(xp, reduction, zero_infinity):
+    """"mean" is torch's: each loss over its label length (at least 1, row 1 has none), then the batch mean."""
+    problem = mixed_problem()
+    if not zero_infinity:  # the infeasible row's loss would be ~1e5 here, inf in the reference
+        problem = Problem(*(array[:INFEASIBLE_ROW] for array in problem))
+    arrays, held = to_backend(xp, problem)
+    options = dict(reduction=reduction, zero_infinity=zero_infinity)
+    expected_loss, expected_grad = expected_values(held, **options)
+    loss = compiled(xp, functools.partial(ctc_multi.ctc_loss, **options))(*arrays)
+    assert tuple(loss.shape) == np.shape(expected_loss)
+    np.testing.assert_allclose(xp.to_numpy(loss), expected_loss, **TOLERANCE["float64"])
+    autodiff_grad = autodiff(xp, summed_loss(**options), *arrays)
+    if autodiff_grad is not None:
+        np.testing.assert_allclose(autodiff_grad, expected_grad, **TOLERANCE["gradient_float64"])
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_reduced_losses_keep_the_array_type(xp, reduction):
+    """Array type in, array type out: a 0-d array for "sum" and "mean", not a NumPy scalar."""
+    arrays, _ = to_backend(xp, mixed_problem())
+    xp.check_type(ctc_multi.ctc_loss(*arrays, reduction=reduction))
+
+
+def test_reduction_is_checked(xp):
+    (logits, *rest), _ = to_backend(xp, mixed_problem())
+    with pytest.raises(ValueError, match="reduction"):
+        ctc_multi.ctc_loss(logits, *rest, reduction="average")
+
+
+# ---------------------------------------------------------------------------------------------
+# Against torch.nn.functional.ctc_loss (a second, independent implementation)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("zero_infinity", [False, True])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_gradients_match_torch_ctc_loss(xp, reduction, zero_infinity):
+    """torch's gradient goes through its own log_softmax, so both are d loss / d logits."""
+    problem = mixed_problem()
+    if not zero_infinity:  # torch gives inf and NaN gradients for the infeasible row
+        problem = Problem(*(array[:INFEASIBLE_ROW] for array in problem))
+    expected_loss, expected_grad = torch_ctc(problem, reduction=reduction, zero_infinity=zero_infinity)
+    tolerance = TOLERANCE["torch_float64"]
+    arrays, _ = to_backend(xp, problem)
+    options = dict(reduction=reduction, zero_infinity=zero_infinity)
+    loss = compiled(xp, functools.partial(ctc_multi.ctc_loss, **options))(*arrays)
+    np.testing.assert_allclose(xp.to_numpy(loss), expected_loss, **tolerance)
+    if reduction == "none":
+        _, grad, _ = loss_and_grad(xp, problem, zero_infinity=zero_infinity)
+        np.testing.assert_allclose(grad, expected_grad, **tolerance)
+    autodiff_grad = autodiff(xp, summed_loss(**options), *arrays)
+    if autodiff_grad is not None:
+        np.testing.assert_allclose(autodiff_grad, expected_grad, **tolerance)
+
+
+def test_random_batches_match_torch_ctc_loss(xp):
+    problem = random_problem(np.random.default_rng(60), 4, 10, 6, 4, blank_id=2, repeat_probability=0.5)
+    lengths_of(problem)  # right-padded, as torch needs
+    expected_loss, expected_grad = torch_ctc(problem, blank_id=2)
+    loss, grad, _ = loss_and_grad(xp, problem, blank_id=2)
+    np.testing.assert_allclose(loss, expected_loss, **TOLERANCE["torch_float64"])
+    np.testing.assert_allclose(grad, expected_grad, **TOLERANCE["torch_float64"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradients of the forward probabilities (autodiff through the scan, where there is autodiff)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_forward_probs_gradients_match_finite_differences(xp):
+    """Backends with autodiff (JAX, torch): d/d logits of a random mix of every reachable alpha.
+
+    Unreachable alphas sit near log_epsilon; they get weight zero (but must not make NaN).
+    """
+    if xp.name not in AUTODIFF:
+        pytest.skip(f"{xp.name} has no automatic differentiation")
+    rng = np.random.default_rng(70)
+    problem = random_problem(rng, 2, 5, 3, 2, frame_layout="middle", min_label_length=1)
+    (logits, *rest), held = to_backend(xp, problem)
+    expected_blank, expected_nonblank = reference_forward_probs(*held)
+    weight_blank = rng.normal(size=expected_blank.shape) * (expected_blank > LOG_EPSILON / 10)
+    weight_nonblank = rng.normal(size=expected_nonblank.shape) * (expected_nonblank > LOG_EPSILON / 10)
+    weights = xp.asarray(weight_blank), xp.asarray(weight_nonblank)
+
+    def mix(x, *rest):
+        loss, blank, nonblank = ctc_multi.ctc_loss_with_forward_probs(x, *rest)
+        return (blank * weights[0]).sum() + (nonblank * weights[1]).sum() + 0.5 * loss.sum()
+
+    gradient = autodiff(xp, mix, logits, *rest)
+    value = compiled(xp, mix)
+    assert np.all(np.isfinite(gradient))
+    step = 1e-6
+    numeric = np.zeros_like(problem.logits)
+    for index in np.ndindex(problem.logits.shape):
+        shifted = [problem.logits.copy(), problem.logits.copy()]
+        shifted[0][index] += step
+        shifted[1][index] -= step
+        up, down = (float(xp.to_numpy(value(xp.asarray(s), *rest))) for s in shifted)
+        numeric[index] = (up - down) / (2 * step)
+    np.testing.assert_allclose(gradient, numeric, **TOLERANCE["finite_difference_float64"])
+
+
+# ---------------------------------------------------------------------------------------------
+# JAX: custom_vjp under jit and vmap
+# ---------------------------------------------------------------------------------------------
+
+
+def test_jax_custom_vjp_matches_autodiff_through_the_scan_under_jit_and_vmap(jax_x64):
+    """jax.grad of ctc_loss (explicit backward) = jax.grad through the plain scan = the reference."""
+    jax = jax_x64
+    import jax.numpy as jnp
+
+    problem = random_problem(np.random.default_rng(80), 3, 8, 5, 3, frame_layout="middle", pad_label=-1)
+    rest = tuple(jnp.asarray(array) for array in problem[1:])
+    expected = ctc_reference(*problem)[1]
+
+    def explicit(x, *others):
+        return ctc_multi.ctc_loss(x, *others).sum()
+
+    def through_scan(x, *others):
+        return ctc_multi.ctc_loss_with_forward_probs(x, *others)[0].sum()
+
+    assert "custom_vjp_call" in str(jax.make_jaxpr(explicit)(jnp.asarray(problem.logits), *rest))
+    # Eager jax.grad is covered by tests/test_losses.py; here under jit, then jit of vmap.
+    for function in (explicit, through_scan):
+        gradient = jax.jit(jax.grad(function))(jnp.asarray(problem.logits), *rest)
+        np.testing.assert_allclose(np.asarray(gradient), expected, **TOLERANCE["gradient_float64"])
+
+    # vmap over a leading axis of every argument (the paddings and labels become tracers too).
+    second = random_problem(np.random.default_rng(81), 3, 8, 5, 3, frame_layout="anywhere", pad_label=-1)
+    stacked = [jnp.asarray(np.stack([a, b])) for a, b in zip(problem, second)]
+    for function in (explicit, through_scan):
+        gradients = jax.jit(jax.vmap(jax.grad(function)))(*stacked)
+        np.testing.assert_allclose(np.asarray(gradients[0]), expected, **TOLERANCE["gradient_float64"])
+        np.testing.assert_allclose(np.asarray(gradients[1]), ctc_reference(*second)[1], **TOLERANCE["gradient_float64"])
+
+
+def test_jax_jit_with_closed_over_arrays(jax_x64):
+    """The usual pattern: jit a function of the logits that closes over JAX paddings and labels."""
+    jax = jax_x64
+    import jax.numpy as jnp
+
+    problem = random_problem(np.random.default_rng(83), 2, 5, 4, 2)
+    rest = tuple(jnp.asarray(array) for array in problem[1:])
+    gradient = jax.jit(jax.grad(lambda x: ctc_multi.ctc_loss(x, *rest).sum()))(jnp.asarray(problem.logits))
+    np.testing.assert_allclose(np.asarray(gradient), ctc_reference(*problem)[1], **TOLERANCE["gradient_float64"])
+
+
+def test_jax_vjp_scales_by_the_cotangent(jax_x64):
+    jax = jax_x64
+    import jax.numpy as jnp
+
+    problem = random_problem(np.random.default_rng(82), 3, 6, 4, 2)
+    rest = tuple(jnp.asarray(array) for array in problem[1:])
+    loss, pullback = jax.vjp(lambda x: ctc_multi.ctc_loss(x, *rest), jnp.asarray(problem.logits))
+    cotangent = np.array([0.5, -2.0, 3.0])
+    (gradient,) = pullback(jnp.asarray(cotangent))
+    expected = ctc_reference(*problem)[1] * cotangent[:, None, None]
+    np.testing.assert_allclose(np.asarray(gradient), expected, **TOLERANCE["gradient_float64"])
+
+
+# ---------------------------------------------------------------------------------------------
+# torch: autograd.Function checked by torch's own gradcheck
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("zero_infinity", [False, True])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_torch_gradcheck(reduction, zero_infinity):
+    torch = pytest.importorskip("torch")
+    problem = mixed_problem() if zero_infinity else random_problem(np.random.default_rng(90), 3, 6, 4, 3, frame_layout="middle")
+    logits = torch.tensor(problem.logits, dtype=torch.float64, requires_grad=True)
+    rest = tuple(torch.as_tensor(array) for array in problem[1:])
+    assert torch.autograd.gradcheck(
+        lambda x: ctc_multi.ctc_loss(x, *rest, reduction=reduction, zero_infinity=zero_infinity), (logits,), eps=1e-6, atol=1e-7
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Property tests: random small problems, every backend against the reference
+# ---------------------------------------------------------------------------------------------
+
+
+@st.composite
+def small_problems(draw) -> tuple[Problem, int]:
+    """B <= 4, T <= 12, K <= 6, N <= 5; frames padded anywhere; any blank_id; repeated labels.
+
+    Some sequences cannot be aligned (too few valid frames); padded label positions hold
+    the blank, -1 or K.
+    """
+    B, T, K, N = draw(st.integers(1, 4)), draw(st.integers(1, 12)), draw(st.integers(1, 6)), draw(st.integers(1, 5))
+    blank_id = draw(st.integers(0, K - 1))
+    classes = [c for c in range(K) if c != blank_id]
+    labels = np.full((B, N), draw(st.sampled_from([blank_id, -1, K])), dtype=np.int64)
+    label_paddings = np.ones((B, N))
+    logit_paddings = np.ones((B, T))
+    for b in range(B):
+        logit_paddings[b] = [0.0 if valid else 1.0 for valid in draw(st.lists(st.booleans(), min_size=T, max_size=T))]
+        label: list[int] = []
+        for _ in range(draw(st.integers(0, N)) if classes else 0):
+            label.append(label[-1] if label and draw(st.booleans()) else draw(st.sampled_from(classes)))
+        labels[b, : len(label)] = label
+        label_paddings[b, : len(label)] = 0.0
+    scale = draw(st.sampled_from([0.5, 2.0, 8.0]))
+    logits = np.random.default_rng(draw(st.integers(0, 2**32 - 1))).normal(scale=scale, size=(B, T, K))
+    return Problem(logits, logit_paddings, labels, label_paddings), blank_id
+
+
+def _loss_and_grad_function(xp):
+    if xp.name == "jax":
+        import jax
+
+        # Eager JAX traces and compiles the scan anew on every call (seconds); one jit per shape is faster.
+        return jax.jit(ctc_multi.ctc_loss_and_grad, static_argnames="blank_id")
+    return ctc_multi.ctc_loss_and_grad
+
+
+def test_random_small_problems_match_reference(xp):
+    function = _loss_and_grad_function(xp)
+
+    @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+    @given(small_problems())
+    def check(drawn):
+        problem, blank_id = drawn
+        arrays, held = to_backend(xp, problem)
+        loss, grad = function(*arrays, blank_id=blank_id)
+        xp.check_type(loss, grad)
+        loss, grad = xp.to_numpy(loss), xp.to_numpy(grad)
+        expected_loss, expected_grad = ctc_reference(*held, blank_id=blank_id)
+        valid_frames = (held.logit_paddings == 0).sum(axis=1)
+        needed = [frames_needed([int(v) for v, p in zip(row, pads) if p == 0]) for row, pads in zip(held.labels, held.label_paddings)]
+        feasible = np.array(needed) <= valid_frames
+        assert np.array_equal(feasible, np.isfinite(expected_loss))
+        np.testing.assert_allclose(loss[feasible], expected_loss[feasible], **TOLERANCE["float64"])
+        np.testing.assert_allclose(grad[feasible], expected_grad[feasible], **TOLERANCE["gradient_float64"])
+        assert_impossible(loss[~feasible])
+        assert_gradient_structure(grad, held.logit_paddings, atol=TOLERANCE["gradient_float64"]["atol"])
+
+    check()

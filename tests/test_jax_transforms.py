@@ -1,0 +1,159 @@
+"""The JAX path under jax.jit, jax.vmap and jax.grad; torch autograd through the torch path.
+
+Gradients are checked against the reference's alpha-beta gradient (float64). Each test skips
+cleanly when its framework is not installed.
+"""
+
+from __future__ import annotations
+
+import textwrap
+
+import numpy as np
+import pytest
+from conftest import TOLERANCE, installed
+from helpers import assert_log_probs_close, poison_padded_frames, random_problem, reference_forward_probs, run_in_fresh_python
+from reference import ctc_reference
+
+import ctc_multi
+
+PROBLEM_OPTIONS = dict(frame_layout="middle", pad_label=-1, repeat_probability=0.5, blank_id=2)
+BLANK_ID = PROBLEM_OPTIONS["blank_id"]
+
+
+def problem_for(seed: int, B: int = 3, T: int = 7, K: int = 4, N: int = 3):
+    return random_problem(np.random.default_rng(seed), B, T, K, N, **PROBLEM_OPTIONS)
+
+
+def loss_of(function):
+    """ctc_loss, or the loss out of ctc_loss_with_forward_probs."""
+    if function is ctc_multi.ctc_loss:
+        return function
+    return lambda *args, **options: function(*args, **options)[0]
+
+
+FUNCTIONS = [ctc_multi.ctc_loss, ctc_multi.ctc_loss_with_forward_probs]
+FUNCTION_IDS = ["ctc_loss", "ctc_loss_with_forward_probs"]
+
+
+def test_jit(jax_x64):
+    jax = jax_x64
+    problem = problem_for(200)
+    arrays = [jax.numpy.asarray(a) for a in problem]
+    loss, blank, nonblank = jax.jit(lambda *a: ctc_multi.ctc_loss_with_forward_probs(*a, blank_id=BLANK_ID))(*arrays)
+    loss_only = jax.jit(lambda *a: ctc_multi.ctc_loss(*a, blank_id=BLANK_ID))(*arrays)
+    for result in (loss, blank, nonblank, loss_only):
+        assert isinstance(result, jax.Array) and result.dtype == np.float64
+    expected = ctc_reference(*problem, blank_id=BLANK_ID)[0]
+    np.testing.assert_allclose(np.asarray(loss), expected, **TOLERANCE["float64"])
+    np.testing.assert_allclose(np.asarray(loss_only), expected, **TOLERANCE["float64"])
+    expected_blank, expected_nonblank = reference_forward_probs(*problem, blank_id=BLANK_ID)
+    assert_log_probs_close(np.asarray(blank), expected_blank, **TOLERANCE["float64"])
+    assert_log_probs_close(np.asarray(nonblank), expected_nonblank, **TOLERANCE["float64"])
+
+
+def test_jit_with_static_options(jax_x64):
+    """blank_id and log_epsilon as static arguments of jax.jit, float32 logits."""
+    jax = jax_x64
+    problem = problem_for(201)
+    function = jax.jit(ctc_multi.ctc_loss, static_argnames=("blank_id", "log_epsilon"))
+    logits = jax.numpy.asarray(problem.logits, dtype=jax.numpy.float32)
+    loss = function(logits, *problem[1:], blank_id=BLANK_ID, log_epsilon=-1e4)
+    assert loss.dtype == np.float32
+    held = problem._replace(logits=np.asarray(logits, dtype=np.float64))
+    np.testing.assert_allclose(np.asarray(loss), ctc_reference(*held, blank_id=BLANK_ID)[0], **TOLERANCE["float32"])
+
+
+def test_vmap_over_a_leading_axis(jax_x64):
+    jax = jax_x64
+    problems = [problem_for(seed) for seed in (202, 203)]
+    stacked = [jax.numpy.asarray(np.stack(parts)) for parts in zip(*problems)]
+    loss, blank, nonblank = jax.vmap(lambda *a: ctc_multi.ctc_loss_with_forward_probs(*a, blank_id=BLANK_ID))(*stacked)
+    loss_only = jax.vmap(lambda *a: ctc_multi.ctc_loss(*a, blank_id=BLANK_ID))(*stacked)
+    B, T, _, N = (3, 7, 4, 3)
+    assert loss.shape == (2, B) and loss_only.shape == (2, B)
+    assert blank.shape == (2, T, B, N + 1) and nonblank.shape == (2, T, B, N)
+    for v, problem in enumerate(problems):
+        expected = ctc_reference(*problem, blank_id=BLANK_ID)[0]
+        np.testing.assert_allclose(np.asarray(loss[v]), expected, **TOLERANCE["float64"])
+        np.testing.assert_allclose(np.asarray(loss_only[v]), expected, **TOLERANCE["float64"])
+        expected_blank, expected_nonblank = reference_forward_probs(*problem, blank_id=BLANK_ID)
+        assert_log_probs_close(np.asarray(blank[v]), expected_blank, **TOLERANCE["float64"])
+        assert_log_probs_close(np.asarray(nonblank[v]), expected_nonblank, **TOLERANCE["float64"])
+
+
+@pytest.mark.parametrize("function", FUNCTIONS, ids=FUNCTION_IDS)
+def test_grad(jax_x64, function):
+    jax = jax_x64
+    problem = poison_padded_frames(problem_for(204))
+    loss = loss_of(function)
+    gradient = jax.grad(lambda x: loss(x, *problem[1:], blank_id=BLANK_ID).sum())(jax.numpy.asarray(problem.logits))
+    assert isinstance(gradient, jax.Array)
+    expected = ctc_reference(*problem, blank_id=BLANK_ID)[1]
+    np.testing.assert_allclose(np.asarray(gradient), expected, **TOLERANCE["gradient_float64"])
+
+
+def test_jit_of_grad_and_vmap_of_grad(jax_x64):
+    jax = jax_x64
+    problems = [problem_for(seed) for seed in (205, 206)]
+    rest = [jax.numpy.asarray(np.stack(parts)) for parts in zip(*problems)][1:]
+
+    def gradient(logits, *others):
+        return jax.grad(lambda x: ctc_multi.ctc_loss(x, *others, blank_id=BLANK_ID).sum())(logits)
+
+    logits = jax.numpy.asarray(np.stack([p.logits for p in problems]))
+    jitted = jax.jit(gradient)(logits[0], *[r[0] for r in rest])
+    mapped = jax.vmap(gradient)(logits, *rest)
+    np.testing.assert_allclose(np.asarray(jitted), ctc_reference(*problems[0], blank_id=BLANK_ID)[1], **TOLERANCE["gradient_float64"])
+    for v, problem in enumerate(problems):
+        np.testing.assert_allclose(np.asarray(mapped[v]), ctc_reference(*problem, blank_id=BLANK_ID)[1], **TOLERANCE["gradient_float64"])
+
+
+@pytest.mark.parametrize("function", FUNCTIONS, ids=FUNCTION_IDS)
+def test_torch_autograd(function):
+    torch = pytest.importorskip("torch", reason="torch is not installed: no autograd check")
+    problem = poison_padded_frames(problem_for(208))
+    logits = torch.tensor(problem.logits, requires_grad=True)
+    others = [torch.as_tensor(a) for a in problem[1:]]
+    loss = loss_of(function)(logits, *others, blank_id=BLANK_ID)
+    loss.sum().backward()
+    expected_loss, expected_gradient = ctc_reference(*problem, blank_id=BLANK_ID)
+    np.testing.assert_allclose(loss.detach().numpy(), expected_loss, **TOLERANCE["float64"])
+    np.testing.assert_allclose(logits.grad.numpy(), expected_gradient, **TOLERANCE["gradient_float64"])
+
+
+def test_torch_autograd_float32():
+    torch = pytest.importorskip("torch", reason="torch is not installed: no autograd check")
+    problem = problem_for(209)
+    logits = torch.tensor(problem.logits, dtype=torch.float32, requires_grad=True)
+    loss = ctc_multi.ctc_loss(logits, *[torch.as_tensor(a) for a in problem[1:]], blank_id=BLANK_ID)
+    assert loss.dtype == torch.float32
+    loss.sum().backward()
+    assert logits.grad.dtype == torch.float32
+    held = problem._replace(logits=logits.detach().double().numpy())
+    np.testing.assert_allclose(logits.grad.numpy(), ctc_reference(*held, blank_id=BLANK_ID)[1], **TOLERANCE["gradient_float32"])
+
+
+def test_float32_without_x64():
+    """Without jax_enable_x64 (the JAX default; the fixtures here turn it on), float32 and int32 work.
+
+    Runs in a subprocess because jax_enable_x64 cannot be switched off for arrays already made.
+    """
+    if not installed("jax"):
+        pytest.skip("jax is not installed in this environment")
+    script = textwrap.dedent(
+        """
+        import numpy as np, jax, jax.numpy as jnp, ctc_multi
+        assert not jax.config.jax_enable_x64
+        logits = jnp.zeros((1, 3, 2), dtype=jnp.float32)
+        labels = jnp.asarray([[1]], dtype=jnp.int32)
+        loss, blank, nonblank = ctc_multi.ctc_loss_with_forward_probs(logits, jnp.zeros((1, 3)), labels, jnp.zeros((1, 1)))
+        assert isinstance(loss, jax.Array) and loss.dtype == jnp.float32 and blank.dtype == jnp.float32, loss.dtype
+        grad = jax.jit(jax.grad(lambda x: ctc_multi.ctc_loss(x, jnp.zeros((1, 3)), labels, jnp.zeros((1, 1))).sum()))(logits)
+        assert grad.dtype == jnp.float32
+        print(float(loss[0]))
+        """
+    )
+    result = run_in_fresh_python(script, JAX_ENABLE_X64="0")
+    assert result.returncode == 0, result.stderr
+    # Six of the eight paths over three uniform frames read "1".
+    np.testing.assert_allclose(float(result.stdout), np.log(8 / 6), **TOLERANCE["float32"])

@@ -1,0 +1,333 @@
+"""ctc_loss and ctc_loss_with_forward_probs on every backend, against independent values.
+
+Every test body runs on each installed backend through the ``xp`` fixture. Expected values come
+from the float64 reference (``reference.py``), from optax's alpha conventions written as a loop
+(``helpers.reference_forward_probs``), or from counting paths; never from ctc_multi itself.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from conftest import TOLERANCE
+from helpers import (
+    LOG_EPSILON,
+    Problem,
+    assert_impossible,
+    assert_log_probs_close,
+    loss_gradient,
+    poison_padded_frames,
+    random_problem,
+    reference_forward_probs,
+    to_backend,
+    uniform_logits_loss,
+)
+from reference import ctc_reference
+
+import ctc_multi
+
+
+def run(xp, problem: Problem, *, dtype: str = "float64", **options):
+    """ctc_loss_with_forward_probs on ``problem``; checks array type in = array type out.
+
+    Returns (loss, logalpha_blank, logalpha_nonblank) as NumPy arrays and the problem as the
+    backend holds it (logits rounded to ``dtype``), for computing expected values.
+    """
+    arrays, held = to_backend(xp, problem, dtype)
+    results = ctc_multi.ctc_loss_with_forward_probs(*arrays, **options)
+    xp.check_type(*results)
+    return tuple(xp.to_numpy(result) for result in results), held
+
+
+def check_against_reference(xp, problem: Problem, *, dtype: str = "float64", blank_id: int = 0, also_ctc_loss: bool = False, **options):
+    """Loss against the Graves reference, alphas against optax's conventions; returns the loss.
+
+    ``also_ctc_loss`` checks ctc_loss too (kept for a few tests: each extra JAX call compiles).
+    """
+    (loss, blank, nonblank), held = run(xp, problem, dtype=dtype, blank_id=blank_id, **options)
+    tolerance = TOLERANCE["float64" if dtype == "float64" else "float32"]
+    expected_loss, _ = ctc_reference(*held, blank_id=blank_id)
+    np.testing.assert_allclose(loss, expected_loss, **tolerance)
+    if also_ctc_loss:
+        arrays, _ = to_backend(xp, problem, dtype)
+        loss_only = ctc_multi.ctc_loss(*arrays, blank_id=blank_id, **options)
+        xp.check_type(loss_only)
+        np.testing.assert_allclose(xp.to_numpy(loss_only), expected_loss, **tolerance)
+    expected_blank, expected_nonblank = reference_forward_probs(*held, blank_id=blank_id)
+    assert_log_probs_close(blank, expected_blank, **tolerance)
+    assert_log_probs_close(nonblank, expected_nonblank, **tolerance)
+    return loss
+
+
+# Most tests share one shape: JAX compiles its eager operations once per shape and dtype.
+SHAPE = dict(B=4, T=8, K=5, N=3)
+
+CASES = {
+    "plain": dict(),
+    "blank_last_middle_padding": dict(blank_id=4, frame_layout="middle", pad_label=-1),
+    "blank_inside_anywhere_padding": dict(blank_id=2, frame_layout="anywhere", pad_label=7),
+    "many_repeats_middle_padding": dict(repeat_probability=0.8, min_label_length=2, frame_layout="middle"),
+}
+
+
+def standard_problem(seed: int, **options) -> Problem:
+    return random_problem(np.random.default_rng(seed), *SHAPE.values(), **options)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_reference(xp, case, dtype):
+    problem = standard_problem(list(CASES).index(case), **CASES[case])
+    check_against_reference(xp, problem, dtype=dtype, blank_id=CASES[case].get("blank_id", 0), also_ctc_loss=True)
+
+
+@pytest.mark.parametrize(("dtype", "result_dtype"), [("float64", "float64"), ("float32", "float32"), ("float16", "float32"), ("bfloat16", "float32")])
+def test_types_dtypes_and_shapes(xp, dtype, result_dtype):
+    """float32 / float64 keep their dtype; 16-bit logits are computed in, and return, float32."""
+    problem = standard_problem(10, min_label_length=1, frame_layout="middle")
+    arrays, held = to_backend(xp, problem, dtype)
+    loss, blank, nonblank = ctc_multi.ctc_loss_with_forward_probs(*arrays)
+    loss_only = ctc_multi.ctc_loss(*arrays)
+    xp.check_type(loss, blank, nonblank, loss_only)
+    for result in (loss, blank, nonblank, loss_only):
+        assert result.dtype == xp.dtype(result_dtype)
+    B, T, N = SHAPE["B"], SHAPE["T"], SHAPE["N"]
+    assert tuple(loss.shape) == (B,)
+    assert tuple(loss_only.shape) == (B,)
+    assert tuple(blank.shape) == (T, B, N + 1)
+    assert tuple(nonblank.shape) == (T, B, N)
+    # 16-bit logits: the float32 computation on exactly the values they hold.
+    expected = ctc_reference(*held)[0]
+    np.testing.assert_allclose(xp.to_numpy(loss), expected, **TOLERANCE[result_dtype])
+    np.testing.assert_allclose(xp.to_numpy(loss_only), expected, **TOLERANCE[result_dtype])
+
+
+def test_empty_labels(xp):
+    """All labels padded (with values in and out of [0, K)): only the blank can be emitted."""
+    problem = standard_problem(11, frame_layout="anywhere")
+    problem = problem._replace(labels=np.resize([0, -1, 9, 2], problem.labels.shape), label_paddings=np.ones_like(problem.label_paddings))
+    loss = check_against_reference(xp, problem)
+    logits = problem.logits
+    log_blank = logits[:, :, 0] - np.log(np.exp(logits).sum(axis=2))
+    np.testing.assert_allclose(loss, -np.sum(log_blank * (1 - problem.logit_paddings), axis=1), **TOLERANCE["float64"])
+
+
+def test_no_label_positions(xp):
+    """N = 0: labels of shape (B, 0); the blank rows have one entry, the label rows none."""
+    rng = np.random.default_rng(12)
+    problem = Problem(rng.normal(size=(2, 3, 4)), np.array([[0, 0, 1], [0, 0, 0.0]]), np.zeros((2, 0), dtype=np.int64), np.zeros((2, 0)))
+    (_, blank, nonblank), _ = run(xp, problem)
+    assert blank.shape == (3, 2, 1)
+    assert nonblank.shape == (3, 2, 0)
+    check_against_reference(xp, problem, also_ctc_loss=True)
+
+
+def test_single_frame(xp):
+    """T = 1: no label (the blank), one label, and two labels (impossible in one frame)."""
+    rng = np.random.default_rng(13)
+    logits = rng.normal(size=(3, 1, 4))
+    problem = Problem(logits, np.zeros((3, 1)), np.array([[0, 0], [2, 0], [1, 3]]), np.array([[1, 1], [0, 1], [0, 0.0]]))
+    (loss, _, _), _ = run(xp, problem)
+    log_probs = logits[:, 0] - np.log(np.exp(logits[:, 0]).sum(axis=1, keepdims=True))
+    np.testing.assert_allclose(loss[:2], [-log_probs[0, 0], -log_probs[1, 2]], **TOLERANCE["float64"])
+    assert_impossible(loss[2])
+
+
+UNIFORM_CASES = {
+    # K, blank_id, then (valid frames, label) per sequence: the expected loss counts paths.
+    "K2_blank0": (2, 0, [(4, [1]), (5, [1, 1]), (2, []), (5, [1, 1, 1])]),
+    "K2_blank1": (2, 1, [(5, [0, 0]), (3, [0]), (5, [0, 0, 0]), (1, [0])]),
+    "K3_blank0": (3, 0, [(5, [1, 2]), (4, [1, 1]), (5, [2, 1, 2]), (5, [1, 2, 2])]),
+    "K3_blank2": (3, 2, [(4, [0, 1]), (5, [1, 1]), (5, [0, 0, 1]), (3, [1, 0, 1])]),
+}
+
+
+@pytest.mark.parametrize("case", list(UNIFORM_CASES))
+def test_uniform_logits_count_paths(xp, case):
+    """Uniform logits: exp(-loss) is the share of the K**T paths that collapse to the label.
+
+    Sequences shorter than the batch's 5 frames are padded in the middle, so the count also
+    checks that padded frames are skipped.
+    """
+    K, blank_id, sequences = UNIFORM_CASES[case]
+    B, T, N = len(sequences), 5, 3
+    logit_paddings = np.ones((B, T))
+    labels = np.full((B, N), -1)
+    label_paddings = np.ones((B, N))
+    for b, (frames, label) in enumerate(sequences):
+        logit_paddings[b, [0] + list(range(T - frames + 1, T))] = 0.0
+        labels[b, : len(label)] = label
+        label_paddings[b, : len(label)] = 0.0
+    problem = Problem(np.zeros((B, T, K)), logit_paddings, labels, label_paddings)
+    (loss, _, _), _ = run(xp, problem, blank_id=blank_id)
+    expected = [uniform_logits_loss(K, frames, label, blank_id) for frames, label in sequences]
+    np.testing.assert_allclose(loss, expected, **TOLERANCE["float64"])
+
+
+@pytest.mark.parametrize("blank_id", [0, 1])
+def test_batch_of_one_with_two_classes_by_hand(xp, blank_id):
+    """B = 1, K = 2, blank first or last: three uniform frames, 6 of the 8 paths read the label.
+
+    So loss = log(8/6); alpha is worked out by hand below.
+    """
+    label = 1 - blank_id
+    problem = Problem(np.zeros((1, 3, 2)), np.zeros((1, 3)), np.array([[label]]), np.zeros((1, 1)))
+    (loss, blank, nonblank), _ = run(xp, problem, blank_id=blank_id)
+    np.testing.assert_allclose(loss, [math.log(8 / 6)], **TOLERANCE["float64"])
+    # States (blank, label, blank) hold (1/2, 1/2, 0), (1/4, 1/2, 1/4), (1/8, 3/8, 3/8); the
+    # last blank row holds P(exactly n labels emitted): (1/8, 3/8 + 3/8).
+    expected_blank = np.log([[1 / 2, 1], [1 / 4, 1 / 4], [1 / 8, 6 / 8]])[:, None, :]
+    expected_blank[0, 0, 1] = -np.inf  # the final blank is out of reach on frame 0
+    expected_nonblank = np.log([1 / 2, 1 / 2, 3 / 8])[:, None, None]
+    assert_log_probs_close(blank, expected_blank, **TOLERANCE["float64"])
+    assert_log_probs_close(nonblank, expected_nonblank, **TOLERANCE["float64"])
+    # The same shape with random logits, against the reference.
+    random_logits = np.random.default_rng(14).normal(scale=3.0, size=(1, 3, 2))
+    check_against_reference(xp, problem._replace(logits=random_logits), blank_id=blank_id)
+
+
+def test_fully_padded_sequences(xp):
+    """A sequence with every frame padded: no labels cost nothing, any label is impossible."""
+    problem = standard_problem(15, frame_layout="middle", min_label_length=1)
+    logit_paddings = problem.logit_paddings.copy()
+    logit_paddings[:2] = 1.0
+    label_paddings = problem.label_paddings.copy()
+    label_paddings[0] = 1.0
+    problem = problem._replace(logit_paddings=logit_paddings, label_paddings=label_paddings)
+    (loss, blank, nonblank), held = run(xp, problem)
+    assert loss[0] >= 0.0
+    np.testing.assert_allclose(loss[0], 0.0, atol=TOLERANCE["float64"]["atol"])
+    assert_impossible(loss[1])
+    np.testing.assert_allclose(loss[2:], ctc_reference(*held)[0][2:], **TOLERANCE["float64"])
+    expected_blank, expected_nonblank = reference_forward_probs(*held)
+    assert_log_probs_close(blank, expected_blank, **TOLERANCE["float64"])
+    assert_log_probs_close(nonblank, expected_nonblank, **TOLERANCE["float64"])
+
+
+@pytest.mark.parametrize("padding_dtype", [np.float32, np.int32, np.bool_])
+def test_padding_dtypes(xp, padding_dtype):
+    """Paddings may be float, int or bool (float64 is used everywhere else)."""
+    problem = standard_problem(16, frame_layout="middle")
+    problem = problem._replace(
+        logit_paddings=problem.logit_paddings.astype(padding_dtype),
+        label_paddings=problem.label_paddings.astype(padding_dtype),
+    )
+    check_against_reference(xp, problem)
+
+
+def test_other_arguments_may_come_from_numpy(xp):
+    """Only the logits decide the namespace: NumPy paddings and labels are converted to it."""
+    problem = standard_problem(17, frame_layout="middle")
+    loss, blank, nonblank = ctc_multi.ctc_loss_with_forward_probs(xp.asarray(problem.logits), *problem[1:])
+    xp.check_type(loss, blank, nonblank)
+    np.testing.assert_allclose(xp.to_numpy(loss), ctc_reference(*problem)[0], **TOLERANCE["float64"])
+
+
+def test_padded_labels_outside_the_classes_are_ignored(xp):
+    """Padded label positions may hold anything (-1, K, large): they are never read as classes."""
+    problem = standard_problem(18, min_label_length=1)
+    padded = problem.label_paddings != 0
+    labels = problem.labels.copy()
+    labels[padded] = np.resize([-1, SHAPE["K"], 1000], labels.shape)[padded]
+    (loss, _, _), held = run(xp, problem._replace(labels=labels))
+    np.testing.assert_allclose(loss, ctc_reference(*held)[0], **TOLERANCE["float64"])
+
+
+@pytest.mark.parametrize("label_dtype", [np.int8, np.uint8])
+def test_narrow_label_dtypes_with_many_classes(xp, label_dtype):
+    """Labels of any integer dtype, also when K - 1 and blank_id do not fit in it (int8, K = 130)."""
+    K = 130
+    problem = random_problem(np.random.default_rng(24), 2, 4, K, 2, blank_id=K - 1, min_label_length=1)
+    labels = np.where(problem.label_paddings != 0, 0, np.minimum(problem.labels, 120)).astype(label_dtype)
+    problem = problem._replace(labels=labels)
+    (loss, _, _), held = run(xp, problem, blank_id=K - 1)
+    np.testing.assert_allclose(loss, ctc_reference(*held, blank_id=K - 1)[0], **TOLERANCE["float64"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Where optax is wrong: non-finite padded frames, negative losses, impossible alignments.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_non_finite_padded_frames_do_not_leak(xp, dtype):
+    """NaN / inf stored in padded frames (first, middle and last frames) change nothing."""
+    problem = poison_padded_frames(standard_problem(19, frame_layout="anywhere", pad_label=-1))
+    assert np.isnan(problem.logits).any() and np.isinf(problem.logits).any()
+    (loss, blank, nonblank), _ = run(xp, problem, dtype=dtype)
+    assert np.all(np.isfinite(loss)) and np.all(np.isfinite(blank)) and np.all(np.isfinite(nonblank))
+    check_against_reference(xp, problem, dtype=dtype, also_ctc_loss=True)
+
+
+def test_non_finite_padded_frames_have_zero_gradient(xp):
+    """jax.grad / torch autograd: padded frames get exactly zero gradient, and no NaN anywhere."""
+    problem = poison_padded_frames(standard_problem(20, frame_layout="middle"))
+    (logits, *rest), held = to_backend(xp, problem)
+    for function in (ctc_multi.ctc_loss, ctc_multi.ctc_loss_with_forward_probs):
+        gradient = loss_gradient(xp, function, logits, *rest)
+        assert np.all(np.isfinite(gradient))
+        assert np.all(gradient[problem.logit_paddings != 0] == 0.0)
+        np.testing.assert_allclose(gradient, ctc_reference(*held)[1], **TOLERANCE["gradient_float64"])
+
+
+def test_loss_is_never_negative(xp):
+    """optax issue 1771: a near-certain label gave a loss of -8.3e-8 in float32."""
+    problem = Problem(np.array([[[0.0, 17.0], [0.0, 17.0]]]), np.zeros((1, 2)), np.array([[1]]), np.zeros((1, 1)))
+    (loss, _, _), _ = run(xp, problem, dtype="float32")
+    assert loss.dtype == np.float32
+    # Exactly: -log(1 - P(no frame emits 1)**2) = 1.7e-15.
+    assert 0.0 <= loss[0] <= 1e-6
+
+
+def test_confident_logits_give_non_negative_losses(xp):
+    """Near-certain float32 alignments: rounding must not push any loss below zero."""
+    problem = standard_problem(21, scale=40.0)
+    (loss, _, _), held = run(xp, problem, dtype="float32")
+    assert np.all(loss >= 0.0)
+    np.testing.assert_allclose(loss, ctc_reference(*held)[0], rtol=1e-4, atol=1e-4)
+
+
+IMPOSSIBLE = Problem(
+    # Two frames cannot emit [1, 1] (it needs a blank in between) nor [1, 2, 3]; [3, 2] is fine.
+    np.random.default_rng(22).normal(size=(3, 2, 4)),
+    np.zeros((3, 2)),
+    np.array([[1, 1, 0], [1, 2, 3], [3, 2, 0]]),
+    np.array([[0, 0, 1], [0, 0, 0], [0, 0, 1.0]]),
+)
+
+
+@pytest.mark.parametrize(("dtype", "log_epsilon"), [("float64", LOG_EPSILON), ("float32", LOG_EPSILON), ("float64", -1e3)])
+def test_impossible_alignments_are_large_and_finite(xp, dtype, log_epsilon):
+    (loss, blank, nonblank), held = run(xp, IMPOSSIBLE, dtype=dtype, log_epsilon=log_epsilon)
+    assert_impossible(loss[:2], log_epsilon)
+    np.testing.assert_allclose(loss[2], ctc_reference(*held)[0][2], **TOLERANCE[dtype])
+    assert not np.isnan(blank).any() and not np.isnan(nonblank).any()
+
+
+def test_impossible_alignments_have_finite_gradients(xp):
+    (logits, *rest), held = to_backend(xp, IMPOSSIBLE)
+    gradient = loss_gradient(xp, ctc_multi.ctc_loss, logits, *rest)
+    assert np.all(np.isfinite(gradient))
+    np.testing.assert_allclose(gradient[2], ctc_reference(*held)[1][2], **TOLERANCE["gradient_float64"])
+
+
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (2, 1, 3, 1),
+        (2, 4, 3, 0),
+        (1, 5, 2, 2),
+    ],
+    ids=["one_frame", "no_label_positions", "batch_of_one_two_classes"],
+)
+def test_gradient_edge_shapes(xp, shape):
+    """jax.grad / torch autograd with T = 1, N = 0, and B = 1 with K = 2 (blank last)."""
+    B, T, K, N = shape
+    problem = random_problem(np.random.default_rng(23), B, T, K, N, blank_id=K - 1)
+    (logits, *rest), held = to_backend(xp, problem)
+    gradient = loss_gradient(xp, ctc_multi.ctc_loss, logits, *rest, blank_id=K - 1)
+    np.testing.assert_allclose(gradient, ctc_reference(*held, blank_id=K - 1)[1], **TOLERANCE["gradient_float64"])

@@ -1,0 +1,127 @@
+"""JAX-specific: ctc_loss and its gradient on a batch-sharded mesh of 4 simulated CPU devices.
+
+JAX fixes its device count when it is first imported, and the test session has imported it
+already, so the checks run in a fresh Python process started with
+``XLA_FLAGS=--xla_force_host_platform_device_count=4``; it prints its findings as JSON and the
+assertions are made here. float64 (``jax_enable_x64`` in that process) so that sharded and
+unsharded results can be compared at the float64 tolerance.
+
+Two kinds of mesh: ``Mesh(devices, ("batch",))``, whose axis is "auto" (XLA propagates the
+sharding), and ``jax.make_mesh``'s default since JAX 0.7, an "explicit" axis, where every
+intermediate array's sharding is part of its type and an op that mixes a batch-sharded operand
+with an unsharded one of the same batch size is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from conftest import TOLERANCE, installed
+
+pytestmark = pytest.mark.skipif(not installed("jax"), reason="jax is not installed in this environment")
+
+DEVICES = 4
+
+CHILD = textwrap.dedent(
+    """
+    import contextlib, json, re
+    import jax
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+    import ctc_multi
+    from ctc_multi.shapes import Shape, random_problem
+
+    problem = random_problem(Shape("sharded", B=8, T=60, K=12, N=15), seed=3, dtype="float64")
+    unsharded = [jnp.asarray(a) for a in problem]
+    loss = jax.jit(ctc_multi.ctc_loss)
+    grad = jax.jit(jax.grad(lambda logits, *others: jnp.sum(ctc_multi.ctc_loss(logits, *others))))
+    expected = dict(loss=np.asarray(loss(*unsharded)).tolist(), grad=np.asarray(grad(*unsharded)).tolist())
+
+    def check(mesh, context):
+        batch = lambda ndim: NamedSharding(mesh, P("batch", *(None,) * (ndim - 1)))
+
+        def describe(x):
+            return dict(
+                value=np.asarray(x).tolist(),
+                spec=str(x.sharding.spec) if hasattr(x.sharding, "spec") else repr(x.sharding),
+                batch_sharded=x.sharding.is_equivalent_to(batch(x.ndim), x.ndim),
+                shard_shapes=[list(shard.data.shape) for shard in x.addressable_shards],
+                shard_devices=sorted(shard.device.id for shard in x.addressable_shards),
+            )
+
+        with context:
+            sharded = [jax.device_put(a, batch(a.ndim)) for a in problem]
+            result = dict(inputs_sharded=[describe(a)["batch_sharded"] for a in sharded])
+            for name, function in (("loss", loss), ("grad", grad)):
+                try:
+                    hlo = function.lower(*sharded).compile().as_text()
+                    collectives = re.findall(r"\\b(all-gather|all-to-all|all-reduce|collective-permute|reduce-scatter)(?:-start)?\\(", hlo)
+                    result[name] = dict(describe(function(*sharded)), collectives=sorted(set(collectives)))
+                except Exception as error:
+                    result[name] = dict(error=f"{type(error).__name__}: {str(error).splitlines()[0]}")
+        return result
+
+    devices = jax.devices()[:DEVICES]
+    print(json.dumps(dict(
+        devices=len(jax.devices()),
+        expected=expected,
+        auto=check(Mesh(np.array(devices), ("batch",)), contextlib.nullcontext()),
+        explicit=(lambda mesh: check(mesh, jax.set_mesh(mesh)))(
+            jax.make_mesh((len(devices),), ("batch",), axis_types=(AxisType.Explicit,), devices=devices)),
+    )))
+    """
+)
+
+MESHES = ["auto", "explicit"]
+
+
+@pytest.fixture(scope="module")
+def sharded_run() -> dict:
+    environment = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES}", JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, "-c", CHILD.replace("DEVICES", str(DEVICES))], capture_output=True, text=True, env=environment)
+    assert done.returncode == 0, f"the sharded run failed:\n{done.stderr[-4000:]}"
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["devices"] >= DEVICES, f"XLA_FLAGS gave {result['devices']} devices, not {DEVICES}"
+    return result
+
+
+def _result(sharded_run: dict, mesh: str, output: str) -> dict:
+    assert all(sharded_run[mesh]["inputs_sharded"]), "the inputs were not batch-sharded"
+    result = sharded_run[mesh][output]
+    assert "error" not in result, f"{output} on the {mesh} mesh: {result['error']}"
+    return result
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+@pytest.mark.parametrize("output", ["loss", "grad"])
+def test_sharded_equals_unsharded(sharded_run, mesh, output):
+    """jax.jit(ctc_loss) and jax.jit(jax.grad(sum ctc_loss)) give the same numbers with the batch sharded."""
+    result = _result(sharded_run, mesh, output)
+    tolerance = TOLERANCE["float64"] if output == "loss" else TOLERANCE["gradient_float64"]
+    np.testing.assert_allclose(np.array(result["value"]), np.array(sharded_run["expected"][output]), **tolerance)
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+@pytest.mark.parametrize("output", ["loss", "grad"])
+def test_outputs_stay_sharded_along_the_batch(sharded_run, mesh, output):
+    """Each device holds its B/4 rows of the result; nothing was gathered onto one device."""
+    result = _result(sharded_run, mesh, output)
+    batch = len(result["value"])
+    assert result["batch_sharded"], f"{output} has sharding spec {result['spec']}, not batch-sharded"
+    assert result["shard_devices"] == sorted(set(result["shard_devices"])) and len(result["shard_devices"]) == DEVICES
+    assert [shape[0] for shape in result["shard_shapes"]] == [batch // DEVICES] * DEVICES, result["shard_shapes"]
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+@pytest.mark.parametrize("output", ["loss", "grad"])
+def test_no_cross_device_traffic(sharded_run, mesh, output):
+    """Each sequence's loss needs only its own rows: the compiled program has no all-gather or any other collective."""
+    assert _result(sharded_run, mesh, output)["collectives"] == []
