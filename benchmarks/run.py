@@ -2,7 +2,11 @@
 
 Everything is measured in one process and one run, so the ratios are meaningful even on a noisy
 machine; absolute times are not (never gate anything on them). Ratios are anchor time / our
-time: above 1 means ctc_multi is faster.
+time: above 1 means ctc_multi is faster. On a shared machine three things keep the ratios
+honest: the contenders are timed in interleaved rounds (a burst of load hits all of them),
+each timed call follows an untimed one of the same contender with the garbage collector off
+(another contender's garbage is not collected inside it), and OpenMP threads sleep rather than
+spin between parallel regions (``--omp-wait-policy``).
 
     python benchmarks/run.py                     # named shapes on the CPU: table, JSON
     python benchmarks/run.py --device cuda       # all shapes, big included, on the first GPU
@@ -18,6 +22,7 @@ line tool and this benchmark time exactly the same calls. Shapes come from
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.metadata
 import json
 import os
@@ -152,9 +157,15 @@ def interleaved_timings(functions: dict[Any, Callable[[], Any]], *, repeats: int
             break
         for key, function in functions.items():
             time.sleep(SETTLE_S)
-            start = time.perf_counter()
-            function()
-            times[key].append(1e3 * (time.perf_counter() - start))
+            function()  # untimed: brings back this contender's caches and allocator state
+            gc.collect()  # as timeit does: no collection of another contender's garbage inside a timed call
+            gc.disable()
+            try:
+                start = time.perf_counter()
+                function()
+                times[key].append(1e3 * (time.perf_counter() - start))
+            finally:
+                gc.enable()
     return {key: Timing(statistics.median(t), [round(x, 4) for x in t]) for key, t in times.items()}
 
 

@@ -215,8 +215,7 @@ def ctc_posteriors(
 def _posteriors(problem: _Problem, *arrays):
     xp, scan = problem.xp, problem.backend.scan
     lattice = problem.lattice(*arrays)
-    _, (alpha, _) = run_recursion(xp, scan, lattice, keep_history=True)
-    _, (beta, _) = run_recursion(xp, scan, lattice, reverse=True, keep_history=True)
-    occupancy = state_occupancy(xp, lattice, alpha[0], beta[0])  # (T, B, S)
+    _, (history, _) = run_recursion(xp, scan, lattice, keep_history=True)
+    occupancy = state_occupancy(xp, scan, lattice, history[0], history[3])  # (T, B, S)
     posteriors = xp.permute_dims(occupancy[:, :, 1::2], (1, 0, 2))  # odd states emit the labels
     return xp.where(lattice.feasible[:, None, None], posteriors, xp.zeros_like(posteriors))

@@ -16,7 +16,7 @@ from typing import Any
 from array_api_compat import array_namespace, device
 
 from .backends import backend_for
-from .inputs import _as_padding_mask, namespace_of
+from .inputs import _as_padding_mask, in_namespace_of, namespace_of
 from .losses import ctc_loss
 
 Array = Any
@@ -37,24 +37,6 @@ def _as_size(name: str, value) -> int:
     if value < 0:
         raise ValueError(f"{name} must be a non-negative integer; got {value}")
     return value
-
-
-def _in_namespace(xp, reference: Array, name: str, x) -> Array:
-    """``x`` (an array of any framework, a list, a tuple or a number) as an ``xp`` array on ``reference``'s device."""
-    try:
-        foreign = array_namespace(x) is not xp
-    except TypeError:  # a number, a list, a tuple
-        foreign = True
-    if foreign:
-        # Through NumPy: torch.asarray would reinterpret a JAX buffer's bytes instead of its values.
-        import numpy as np
-
-        try:
-            x = np.asarray(x)
-        except Exception as error:
-            raise ValueError(f"{name} must be an array, a list or a tuple; got {type(x).__name__}") from error
-        return xp.asarray(x, device=device(reference))
-    return x if device(x) == device(reference) else xp.asarray(x, device=device(reference))
 
 
 def _check_integers(xp, name: str, x: Array) -> None:
@@ -148,7 +130,7 @@ def paddings_to_lengths(paddings: Array) -> Array:
 
 
 def _lengths_argument(xp, reference: Array, name: str, lengths, batch: int, unbatched: bool) -> Array:
-    lengths = _in_namespace(xp, reference, name, lengths)
+    lengths = in_namespace_of(xp, reference, name, lengths)
     if unbatched and lengths.ndim == 0:
         lengths = xp.reshape(lengths, (1,))
     if tuple(lengths.shape) != (batch,):
@@ -234,7 +216,7 @@ def torch_ctc_loss(
         raise ValueError(f"blank must be an integer in [0, C) = [0, {num_classes}); got {blank}")
     input_lengths = _lengths_argument(xp, log_probs, "input_lengths", input_lengths, batch, unbatched)
     target_lengths = _lengths_argument(xp, log_probs, "target_lengths", target_lengths, batch, unbatched)
-    targets = _in_namespace(xp, log_probs, "targets", targets)
+    targets = in_namespace_of(xp, log_probs, "targets", targets)
     _check_integers(xp, "targets", targets)
     if _violated(xp, (input_lengths < 0) | (input_lengths > frames)):
         raise ValueError(f"input_lengths must lie in [0, T] = [0, {frames}]")

@@ -51,12 +51,22 @@ def namespace_of(logits: Array) -> tuple[ModuleType, Array]:
         return array_namespace(logits), logits
 
 
-def _convert_like(xp, reference: Array, x: Array) -> Array:
+def in_namespace_of(xp, reference: Array, name: str, x) -> Array:
+    """``x`` (an array of any framework, a list, a tuple or a number) as an ``xp`` array on ``reference``'s device."""
     try:
-        array_namespace(reference, x)
-        return x
-    except TypeError:
+        foreign = array_namespace(x) is not xp
+    except TypeError:  # a number, a list, a tuple
+        foreign = True
+    if foreign:
+        # Through NumPy: torch.asarray would reinterpret a JAX buffer's bytes instead of its values.
+        import numpy as np
+
+        try:
+            x = np.array(x)  # a writable copy: torch warns on read-only NumPy buffers
+        except Exception as error:
+            raise ValueError(f"{name} must be an array, a list or a tuple; got {type(x).__name__}") from error
         return xp.asarray(x, device=device(reference))
+    return x if device(x) == device(reference) else xp.asarray(x, device=device(reference))
 
 
 def compute_dtype(xp, dtype, name: str = "logits"):
@@ -116,9 +126,9 @@ def check_inputs(logits, logit_paddings, labels, label_paddings, *, blank_id, lo
     """Validate the four arrays and two options of the CTC functions; see ``ctc_loss_with_forward_probs``."""
     xp, logits = namespace_of(logits)
     backend = backend_for(xp)
-    logit_paddings = _convert_like(xp, logits, logit_paddings)
-    labels = _convert_like(xp, logits, labels)
-    label_paddings = _convert_like(xp, logits, label_paddings)
+    logit_paddings = in_namespace_of(xp, logits, "logit_paddings", logit_paddings)
+    labels = in_namespace_of(xp, logits, "labels", labels)
+    label_paddings = in_namespace_of(xp, logits, "label_paddings", label_paddings)
 
     _check_rank("logits", logits, 3, "(B, T, K)")
     _check_rank("labels", labels, 2, "(B, N)")

@@ -183,83 +183,139 @@ def _accumulate(hi: Array, lo: Array, value: Array) -> tuple[Array, Array]:
     return total, lo + error
 
 
-def make_lattice_step(
-    xp, *, semiring, skip_allowed: Array, log_epsilon: float, dtype, reverse: bool, keep_history: bool
-) -> Callable:
+def _edge_and_penalty(xp, skip_allowed: Array, log_epsilon: float, dtype):
+    """Built once per scan: two log-0 states beyond the lattice's edge, and log_epsilon on
+    forbidden jumps (added rather than selected: one op, and a forbidden jump can't win or count)."""
+    edge_state = xp.full_like(skip_allowed[:, :1], log_epsilon, dtype=dtype)
+    edge = xp.concat([edge_state, edge_state], axis=1)
+    penalty = xp.where(skip_allowed, xp.zeros_like(skip_allowed, dtype=dtype), xp.full_like(skip_allowed, log_epsilon, dtype=dtype))
+    return edge, penalty
+
+
+def make_lattice_step(xp, *, semiring, skip_allowed: Array, log_epsilon: float, dtype, keep_history: bool) -> Callable:
     """The one step of the CTC recursion, for the scan.
+
+    alpha_t(s) = y_t(s) * (alpha_{t-1}(s) + alpha_{t-1}(s-1) + [skip] alpha_{t-1}(s-2)), in the
+    semiring's "sum" (log-sum-exp for the loss, max for Viterbi).
 
     carry: (log_state (B, S) with maximum 0, offset_hi (B,), offset_lo (B,)); the true log
     value of a state is ``log_state + offset_lo + offset_hi``.
     frame: (log_emissions (B, S), padded (B,)).
-
-    Forward (``reverse=False``) it computes alpha_t(s) = y_t(s) * (alpha_{t-1}(s) +
-    alpha_{t-1}(s-1) + [skip] alpha_{t-1}(s-2)); backward it computes the mirror beta_t(s) =
-    y_t(s) * (beta_{t+1}(s) + beta_{t+1}(s+1) + [skip] beta_{t+1}(s+2)), where the skip mask is
-    the forward one moved two states down. Both include the emission of frame t.
-    Outputs per frame: the new carry (``keep_history``) and the semiring's choices, if any.
+    Outputs per frame: (the new carry and the frame's shift ``peak`` (B,)) if ``keep_history``,
+    and the semiring's choices, if any.
     """
-    batch, num_states = skip_allowed.shape
-    # Built once: the two states beyond the lattice's edge, and log_epsilon on forbidden jumps
-    # (added rather than selected: one op, and a forbidden jump still can't win or count).
-    edge_state = xp.full_like(skip_allowed[:, :1], log_epsilon, dtype=dtype)
-    edge = xp.concat([edge_state, edge_state], axis=1)
-    penalty = xp.where(skip_allowed, xp.zeros_like(skip_allowed, dtype=dtype), xp.full_like(skip_allowed, log_epsilon, dtype=dtype))
-    if reverse:
-        penalty = xp.concat([penalty, edge], axis=1)[:, 2:]  # jumps from s + 2; also for S = 1
+    num_states = skip_allowed.shape[1]
+    edge, penalty = _edge_and_penalty(xp, skip_allowed, log_epsilon, dtype)
 
     def step(carry, frame):
         log_state, offset_hi, offset_lo = carry
         log_emissions, padded = frame
-        if reverse:  # predecessors are the states above: read them from [state, edge]
-            extended = xp.concat([log_state, edge], axis=1)
-            skip = extended[:, 2:] + penalty
-        else:  # predecessors are the states below: read them from [edge, state]
-            extended = xp.concat([edge, log_state], axis=1)
-            skip = extended[:, :num_states] + penalty
+        extended = xp.concat([edge, log_state], axis=1)  # predecessors s-1, s-2 of every state s
         advance = extended[:, 1 : num_states + 1]
+        skip = extended[:, :num_states] + penalty
         combined, choice = semiring.combine(xp, log_state, advance, skip)
         updated = xp.where(padded[:, None], log_state, combined + log_emissions)
         peak = xp.max(updated, axis=1)
         updated = updated - peak[:, None]
         offset_hi, offset_lo = _accumulate(offset_hi, offset_lo, peak)
         new_carry = (updated, offset_hi, offset_lo)
-        history = new_carry if keep_history else None
+        history = new_carry + (peak,) if keep_history else None
         return new_carry, (history, choice)
 
     return step
 
 
-def initial_state(xp, lattice: Lattice, *, reverse: bool) -> tuple[Array, Array, Array]:
-    """The state before the first frame (forward) or after the last one (backward).
-
-    Forward: a virtual frame before the first one, where every path sits in state 0 (so
-    frame 0 can start on the first blank or, advancing, on the first label). Backward, its
-    mirror: a virtual frame after the last one in state 2L (L the label length), from which
-    the last frame can end on the final blank or, advancing, on the final label.
-    """
+def initial_state(xp, lattice: Lattice) -> tuple[Array, Array, Array]:
+    """The state before the first frame: a virtual frame where every path sits in state 0, so
+    frame 0 can start on the first blank or, advancing, on the first label."""
     template = lattice.log_emissions[0, ...]
-    batch, num_states = template.shape
-    state_ids = xp.arange(num_states, device=_device(template))[None, :]
-    start = 2 * lattice.label_lengths[:, None] if reverse else 0
-    is_start = state_ids == start
+    num_states = template.shape[1]
+    is_start = xp.arange(num_states, device=_device(template))[None, :] == 0
     log_state = xp.where(is_start, xp.zeros_like(template), xp.full_like(template, lattice.log_epsilon))
     zero = xp.zeros_like(template[:, 0])
     return log_state, zero, zero
 
 
-def run_recursion(xp, scan: Scan, lattice: Lattice, *, semiring=LogSemiring, reverse: bool = False, keep_history: bool = False):
-    """Scan the lattice step over all frames; returns (final carry, (history, choices))."""
+def run_recursion(xp, scan: Scan, lattice: Lattice, *, semiring=LogSemiring, keep_history: bool = False):
+    """Scan the lattice step over all frames; returns (final carry, (history, choices)).
+
+    ``history`` (with ``keep_history``) is (log_state (T, B, S), offset_hi (T, B),
+    offset_lo (T, B), peak (T, B)) after each frame.
+    """
     step = make_lattice_step(
         xp,
         semiring=semiring,
         skip_allowed=lattice.skip_allowed,
         log_epsilon=lattice.log_epsilon,
         dtype=lattice.log_emissions.dtype,
-        reverse=reverse,
         keep_history=keep_history,
     )
-    init = initial_state(xp, lattice, reverse=reverse)
-    return scan(step, init, (lattice.log_emissions, lattice.frame_padded), reverse=reverse)
+    return scan(step, initial_state(xp, lattice), (lattice.log_emissions, lattice.frame_padded))
+
+
+def make_occupancy_step(xp, *, skip_allowed: Array, log_epsilon: float, dtype) -> Callable:
+    """The backward step: occupancies of frame t - 1 from those of frame t.
+
+    This is Graves et al.'s beta recursion carried in posterior form, gamma_t(s) =
+    alpha_t(s) beta_t(s) / (y_t(s) P(l | x)), which is also the reverse-mode derivative of the
+    forward step: each state hands its occupancy back to its predecessors s, s - 1 and (when
+    allowed) s - 2 in proportion to what each contributed to it,
+    ``exp(log alpha_{t-1}(s') - log sum of alpha_{t-1} over the predecessors of s)``. Every
+    exponent is <= 0 (a part is at most its sum), so nothing overflows; occupancies lie in
+    [0, 1] and are renormalised per frame, so nothing underflows that matters.
+
+    carry: occupancy (B, S) at frame t.
+    frame: (log_state before frame t (B, S), log_state after it (B, S), log_emissions (B, S),
+    peak (B,), padded (B,)), the log states renormalised as the forward step left them.
+    """
+    num_states = skip_allowed.shape[1]
+    edge, penalty = _edge_and_penalty(xp, skip_allowed, log_epsilon, dtype)
+    jump_from = xp.concat([penalty, edge], axis=1)[:, 2:]  # penalty of the jump s -> s + 2
+    no_occupancy = xp.zeros_like(edge)
+    beyond_edge = -edge  # an "incoming sum" of exp(-log_epsilon): weights into it vanish
+
+    def step(occupancy, frame):
+        before, after, log_emissions, peak, padded = frame
+        # log of the sum over the predecessors of each state s (undoing the renormalisation);
+        # on padded frames replaced so that every weight vanishes (the frame hands over as is).
+        incoming = xp.where(padded[:, None], -xp.ones_like(after) * log_epsilon, after + peak[:, None] - log_emissions)
+        next_occupancy = xp.concat([occupancy, no_occupancy], axis=1)
+        next_incoming = xp.concat([incoming, beyond_edge], axis=1)
+        earlier = (
+            occupancy * xp.exp(before - incoming)
+            + next_occupancy[:, 1 : num_states + 1] * xp.exp(before - next_incoming[:, 1 : num_states + 1])
+            + next_occupancy[:, 2:] * xp.exp(before + jump_from - next_incoming[:, 2:])
+        )
+        total = xp.sum(earlier, axis=1, keepdims=True)
+        earlier = earlier / xp.where(total > 0, total, xp.ones_like(total))
+        earlier = xp.where(padded[:, None], occupancy, earlier)
+        return earlier, occupancy
+
+    return step
+
+
+def state_occupancy(xp, scan: Scan, lattice: Lattice, alpha_history: Array, peaks: Array) -> Array:
+    """(T, B, S) probability that the path is in state s at frame t, given the labels.
+
+    Graves et al. (2006), eq. 14, from the forward history (``alpha_history`` and ``peaks`` as
+    :func:`run_recursion` returns them) and one reverse scan of :func:`make_occupancy_step`.
+    Normalised per frame rather than divided by the loss, which keeps float32 accuracy over
+    any number of frames. Zero on padded frames.
+    """
+    start = initial_state(xp, lattice)[0]
+    before = xp.concat([start[None, ...], alpha_history[:-1, ...]], axis=0)
+    final = alpha_history[-1, ...]
+    # At the end, the paths finish on the last blank (2L) or the last label (2L - 1).
+    state_ids = xp.arange(final.shape[1], device=_device(final))[None, :]
+    last_blank = 2 * lattice.label_lengths[:, None]
+    is_end = (state_ids == last_blank) | (state_ids == last_blank - 1)
+    ending = xp.where(is_end, final, xp.full_like(final, lattice.log_epsilon))
+    ending = xp.exp(ending - xp.max(ending, axis=1, keepdims=True))
+    ending = xp.where(is_end, ending, xp.zeros_like(ending))
+    ending = ending / xp.sum(ending, axis=1, keepdims=True)
+    step = make_occupancy_step(xp, skip_allowed=lattice.skip_allowed, log_epsilon=lattice.log_epsilon, dtype=final.dtype)
+    _, occupancy = scan(step, ending, (before, alpha_history, lattice.log_emissions, peaks, lattice.frame_padded), reverse=True)
+    return xp.where(lattice.frame_padded[:, :, None], xp.zeros_like(occupancy), occupancy)
 
 
 def absolute(xp, log_state: Array, offset_hi: Array, offset_lo: Array) -> Array:
@@ -290,25 +346,11 @@ def loss_from_final_state(xp, lattice: Lattice, final_carry, index_dtype) -> Arr
 
 def forward_probs_from_history(xp, history) -> tuple[Array, Array]:
     """optax's (logalpha_blank (T, B, N + 1), logalpha_nonblank (T, B, N)) from the scan history."""
-    log_alpha = absolute(xp, *history)
+    log_alpha = absolute(xp, *history[:3])
     blank = log_alpha[..., 0::2]
     last_row = blank_row_with_final_labels(xp, log_alpha[-1, ...])
     blank = xp.concat([blank[:-1, ...], last_row[None, ...]], axis=0)
     return blank, log_alpha[..., 1::2]
-
-
-def state_occupancy(xp, lattice: Lattice, alpha_history: Array, beta_history: Array) -> Array:
-    """(T, B, S) probability that the path is in state s at frame t, given the labels.
-
-    Graves et al. (2006), eq. 14: alpha_t(s) beta_t(s) / y_t(s), normalised per frame. Every
-    valid frame's occupancies sum to P(l | x), so dividing by their own sum instead of by the
-    loss keeps float32 accuracy over any number of frames. Zero on padded frames.
-    """
-    log_joint = alpha_history + beta_history - lattice.log_emissions
-    log_joint = log_joint - xp.max(log_joint, axis=2, keepdims=True)
-    joint = xp.exp(log_joint)
-    occupancy = joint / xp.sum(joint, axis=2, keepdims=True)
-    return xp.where(lattice.frame_padded[:, :, None], xp.zeros_like(occupancy), occupancy)
 
 
 def logits_gradient(xp, lattice: Lattice, occupancy: Array) -> Array:

@@ -75,17 +75,17 @@ class _Problem:
         return self._loss(lattice, final)
 
     def forward_with_residuals(self, *arrays):
-        """(B,) loss and the (T, B, S) renormalised log alphas that the backward pass needs."""
+        """(B,) loss and what the backward pass needs: the (T, B, S) renormalised log alphas and
+        the (T, B) per-frame shifts."""
         lattice = self.lattice(*arrays)
         final, (history, _) = run_recursion(self.xp, self.backend.scan, lattice, keep_history=True)
-        return self._loss(lattice, final), history[0]
+        return self._loss(lattice, final), (history[0], history[3])
 
-    def backward(self, alpha_history, loss_cotangent, *arrays):
-        """(B, T, K) cotangent of the logits: the beta recursion, then eq. 16 of Graves et al."""
+    def backward(self, residuals, loss_cotangent, *arrays):
+        """(B, T, K) cotangent of the logits: the backward recursion, then eq. 16 of Graves et al."""
         xp = self.xp
         lattice = self.lattice(*arrays)
-        _, (beta, _) = run_recursion(xp, self.backend.scan, lattice, reverse=True, keep_history=True)
-        gradient = logits_gradient(xp, lattice, state_occupancy(xp, lattice, alpha_history, beta[0]))
+        gradient = logits_gradient(xp, lattice, state_occupancy(xp, self.backend.scan, lattice, *residuals))
         scale = xp.astype(loss_cotangent, gradient.dtype)
         if self.zero_infinity:
             scale = xp.where(lattice.feasible, scale, xp.zeros_like(scale))
@@ -125,9 +125,9 @@ def _reduce(xp, loss, label_padded, reduction: str):
     if reduction == "none":
         return loss
     if reduction == "sum":
-        return xp.asarray(xp.sum(loss))  # NumPy reductions give scalars: keep an array
+        return xp.reshape(xp.sum(loss, keepdims=True), ())  # keepdims: NumPy would give a scalar
     lengths = label_padded.shape[1] - xp.sum(xp.astype(label_padded, loss.dtype), axis=1)
-    return xp.asarray(xp.mean(loss / xp.maximum(lengths, xp.ones_like(lengths))))
+    return xp.reshape(xp.mean(loss / xp.maximum(lengths, xp.ones_like(lengths)), keepdims=True), ())
 
 
 def ctc_loss_with_forward_probs(

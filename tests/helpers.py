@@ -237,10 +237,10 @@ def loss_gradient(xp, function, logits, *rest, **options) -> np.ndarray:
 def compiled(xp, function):
     """``function`` under jax.jit on JAX, as is elsewhere.
 
-    Eager JAX traces and compiles ctc_multi's scan anew on every call (1 to 15 s on a CPU);
-    jit compiles each test's function once. Eager JAX is covered by tests/test_losses.py
-    (``loss_gradient``). Arrays passed as arguments are traced, so the value checks that
-    need concrete values are skipped there.
+    One compile per test (about a second) costs less than eager dispatch of the same calls, and
+    it runs ctc_multi on traced inputs, as a jitted training step does (the value checks that
+    need concrete values are skipped there). Eager JAX is covered by tests/test_losses.py
+    (``loss_gradient``).
     """
     if xp.name == "jax":
         import jax

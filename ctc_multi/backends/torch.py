@@ -28,13 +28,15 @@ class _ExplicitGradient(torch.autograd.Function):
         forward_with_residuals, backward = functions
         value, residuals = forward_with_residuals(logits, *others)
         ctx.backward_function = backward
-        ctx.save_for_backward(residuals, logits, *others)
+        ctx.num_residuals = len(residuals)
+        ctx.save_for_backward(*residuals, logits, *others)
         return value
 
     @staticmethod
     def backward(ctx, cotangent):
-        residuals, logits, *others = ctx.saved_tensors
-        gradient = ctx.backward_function(residuals, cotangent, logits, *others)
+        saved = ctx.saved_tensors
+        residuals, (logits, *others) = saved[: ctx.num_residuals], saved[ctx.num_residuals :]
+        gradient = ctx.backward_function(tuple(residuals), cotangent, logits, *others)
         return (None, gradient) + (None,) * len(others)
 
 
