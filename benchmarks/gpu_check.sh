@@ -57,8 +57,8 @@ step() {
 
 summary "gpu_check $(date -u +%FT%TZ) dry_run=$DRY_RUN device=$DEVICE budget=${BUDGET_S}s"
 {
-  nvidia-smi || echo "no nvidia-smi"
-  "$PYTHON" - <<'EOF'
+  timeout 20 nvidia-smi || echo "no nvidia-smi"
+  timeout 60 "$PYTHON" - <<'EOF'
 import importlib, importlib.util
 for name in ("numpy", "jax", "jaxlib", "torch", "optax", "array_api_compat", "pytest", "hypothesis", "array_api_strict", "matplotlib"):
     spec = importlib.util.find_spec(name)

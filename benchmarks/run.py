@@ -106,13 +106,15 @@ class Contender:
         return [module for module in self.requires if importlib.util.find_spec(module) is None]
 
 
-OURS = tuple(
-    Contender(f"ctc_multi {name}", name, False, compare.BACKENDS[name].requires, compare.BACKENDS[name].prepare)
-    for name in ("numpy", "jax", "torch")
-)
+def _from_compare(contender: compare.Contender, name: str, key: str) -> Contender:
+    return Contender(name, key, contender.anchor, contender.requires, contender.prepare)
+
+
+_COMPARE_ANCHORS = {anchor.name: anchor for anchor in compare.ANCHORS}
+OURS = tuple(_from_compare(compare.BACKENDS[key], f"ctc_multi {key}", key) for key in ("numpy", "jax", "torch"))
 ANCHORS = (
-    Contender("optax.ctc_loss", "optax", True, compare.ANCHORS[0].requires, compare.ANCHORS[0].prepare),
-    Contender("torch F.ctc_loss", "torch", True, compare.ANCHORS[1].requires, compare.ANCHORS[1].prepare),
+    _from_compare(_COMPARE_ANCHORS["optax.ctc_loss"], "optax.ctc_loss", "optax"),
+    _from_compare(_COMPARE_ANCHORS["torch F.ctc_loss"], "torch F.ctc_loss", "torch"),
     Contender("torch F.ctc_loss cuDNN", "cudnn", True, ("torch",), _prepare_torch_cudnn, cuda_only=True),
 )
 
