@@ -15,7 +15,7 @@ from typing import Any
 
 from array_api_compat import array_namespace, device
 
-from .backends import backend_for
+from .backends import backend_for, index_dtype
 from .inputs import _as_padding_mask, in_namespace_of, namespace_of
 from .losses import ctc_loss
 
@@ -125,8 +125,7 @@ def paddings_to_lengths(paddings: Array) -> Array:
         raise ValueError(f"paddings must be a (B, T)-array; got shape {tuple(paddings.shape)}")
     concrete = _known(xp, xp.any(xp.astype(paddings, xp.bool))) is not None
     padded = _as_padding_mask(xp, "paddings", paddings, concrete)
-    index_dtype = getattr(xp, backend_for(xp).INDEX_DTYPE_NAME)
-    return xp.sum(xp.astype(~padded, index_dtype), axis=1)
+    return xp.sum(xp.astype(~padded, index_dtype(xp)), axis=1)
 
 
 def _lengths_argument(xp, reference: Array, name: str, lengths, batch: int, unbatched: bool) -> Array:
@@ -237,8 +236,7 @@ def torch_ctc_loss(
             raise ValueError(f"targets, when 1-D, must hold sum(target_lengths) = {int(expected_total)} ids; got {total}")
         # Under jax.jit the longest target is unknown; the total length bounds it statically.
         width = total if longest is None else int(longest)
-        index_dtype = getattr(xp, backend_for(xp).INDEX_DTYPE_NAME)
-        labels = _concatenated_to_padded(xp, targets, target_lengths, max(width, 1), index_dtype)
+        labels = _concatenated_to_padded(xp, targets, target_lengths, max(width, 1), index_dtype(xp))
     else:
         raise ValueError(f"targets must be a (B, S)-array or a 1-D concatenation; got shape {tuple(targets.shape)}")
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from array_api_compat import array_namespace, device
 
-from .backends import backend_for
+from .backends import backend_for, index_dtype
 
 Array = Any
 
@@ -34,10 +34,6 @@ class CTCInputs:
     label_padded: Array  # (B, N) bool
     blank_id: int
     log_epsilon: float
-
-    @property
-    def index_dtype(self):
-        return getattr(self.xp, self.backend.INDEX_DTYPE_NAME)
 
 
 def namespace_of(logits: Array) -> tuple[ModuleType, Array]:
@@ -148,7 +144,7 @@ def check_inputs(logits, logit_paddings, labels, label_paddings, *, blank_id, lo
         raise ValueError(f"labels must be an integer array; got dtype {labels.dtype}")
     if xp.iinfo(labels.dtype).max < num_classes:
         # The lattice puts blank_id and K - 1 beside the labels: widen (exactly) so they fit.
-        labels = xp.astype(labels, getattr(xp, backend.INDEX_DTYPE_NAME))
+        labels = xp.astype(labels, index_dtype(xp))
 
     concrete = all(backend.is_concrete(x) for x in (logit_paddings, labels, label_paddings))
     logit_padded = _as_padding_mask(xp, "logit_paddings", logit_paddings, concrete)

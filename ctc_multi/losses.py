@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
+from .backends import index_dtype
 from .inputs import CTCInputs, check_inputs
 from .lattice import (
     build_lattice,
@@ -47,7 +48,7 @@ class _Problem:
 
     @property
     def index_dtype(self):
-        return getattr(self.xp, self.backend.INDEX_DTYPE_NAME)
+        return index_dtype(self.xp)
 
     def lattice(self, logits, logit_padded, labels, label_padded):
         return build_lattice(
@@ -103,8 +104,8 @@ def _loss(problem: _Problem, reduction: str, *arrays):
 
 def _loss_and_grad(problem: _Problem, logits, *others):
     logits = problem.backend.detach(logits)
-    loss, alpha_history = problem.forward_with_residuals(logits, *others)
-    return loss, problem.backward(alpha_history, problem.xp.ones_like(loss), logits, *others)
+    loss, residuals = problem.forward_with_residuals(logits, *others)
+    return loss, problem.backward(residuals, problem.xp.ones_like(loss), logits, *others)
 
 
 def _loss_with_forward_probs(problem: _Problem, *arrays):

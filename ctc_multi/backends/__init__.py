@@ -31,3 +31,8 @@ def backend_for(xp) -> ModuleType:
     else:
         from . import numpy as backend
     return backend
+
+
+def index_dtype(xp):
+    """The integer dtype that ``xp``'s adapter wants for gather indices (torch: int64 only)."""
+    return getattr(xp, backend_for(xp).INDEX_DTYPE_NAME)
