@@ -6,7 +6,7 @@
 #
 # Writes everything under $OUT: environment.txt, tests_cuda.txt, bench_cuda.txt (+ .json, .png),
 # memory_cuda.txt, tests_all.txt, summary.txt. Steps run in order of value, each under its own
-# timeout taken from one overall budget (BUDGET_S, default 450 s), so a slow or hung step costs
+# timeout taken from one overall budget (BUDGET_S, default 420 s), so a slow or hung step costs
 # only its share and whatever finished still comes back:
 #   1. environment (nvidia-smi, versions, devices)
 #   2. the GPU-specific tests (tests/test_cuda.py: torch CUDA and jax GPU against the reference)
@@ -27,7 +27,7 @@ mkdir -p "$OUT"
 
 DRY_RUN=0
 [ "${1:-}" = "--dry-run" ] && DRY_RUN=1
-BUDGET_S=${BUDGET_S:-450}
+BUDGET_S=${BUDGET_S:-420}
 VENDOR=${VENDOR:-benchmarks/results/vendor}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 [ -d "$VENDOR" ] && export PYTHONPATH="$PYTHONPATH:$PWD/$VENDOR"
@@ -74,11 +74,11 @@ EOF
 summary "$(grep -E 'MISSING|devices|cuda' "$OUT/environment.txt" | tr '\n' ';')"
 
 step cuda-tests 90 tests_cuda.txt "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py
-step benchmark 240 bench_cuda.txt "$PYTHON" benchmarks/run.py --device "$DEVICE" --shapes "$SHAPES" --repeats "$REPEATS" --budget 15 \
+step benchmark 200 bench_cuda.txt "$PYTHON" benchmarks/run.py --device "$DEVICE" --shapes "$SHAPES" --repeats "$REPEATS" --budget 15 \
   --json "$OUT/bench_cuda.json" --plot "$OUT/bench_cuda.png"
-step memory 60 memory_cuda.txt "$PYTHON" benchmarks/run.py --memory --device "$DEVICE" --shapes "$MEMORY_SHAPE" --json "$OUT/memory_cuda.json"
+step memory 50 memory_cuda.txt "$PYTHON" benchmarks/run.py --memory --device "$DEVICE" --shapes "$MEMORY_SHAPE" --json "$OUT/memory_cuda.json"
 # shellcheck disable=SC2086  # SUITE is a list of paths
-step all-tests 240 tests_all.txt "$PYTHON" -m pytest -q -x -p no:cacheprovider $SUITE
+step all-tests 150 tests_all.txt "$PYTHON" -m pytest -q -x -p no:cacheprovider $SUITE
 
 tail -n 30 "$OUT/bench_cuda.txt" >>"$OUT/summary.txt" 2>/dev/null
 tail -n 3 "$OUT/tests_all.txt" >>"$OUT/summary.txt" 2>/dev/null

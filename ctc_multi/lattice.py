@@ -24,12 +24,12 @@ Numerics, shared by every backend:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from array_api_compat import is_torch_namespace
 
-from .scan import Scan
+from .scan import Scan, tree_map
 
 Array = Any
 
@@ -65,19 +65,36 @@ class Lattice:
 
 
 class LogSemiring:
-    """Sum over paths (the CTC loss): ``log(exp(a) + exp(b) + exp(c))``."""
+    """Sum over paths (the CTC loss): ``log(exp(stay) + exp(advance) + exp(skip))``; no choices."""
 
-    @staticmethod
-    def combine(xp, stay, advance, skip):
+    with_shares = False
+
+    @classmethod
+    def combine(cls, xp, stay, advance, skip):
         if is_torch_namespace(xp):
             # torch, an explicit exception: each op is a separate dispatch from the Python loop,
             # and two logaddexp kernels cost less than the ten ops below (2.5x on `char`).
-            return xp.logaddexp(xp.logaddexp(stay, advance), skip), None
+            combined = xp.logaddexp(xp.logaddexp(stay, advance), skip)
+            if not cls.with_shares:
+                return combined, None
+            return combined, (xp.exp(advance - combined), xp.exp(skip - combined))
         # NumPy's logaddexp is a scalar loop, ten times slower than these vectorised exp/log on
         # a (32, 201) state; XLA fuses them (1.2x faster than logaddexp under jax.jit).
         peak = xp.maximum(xp.maximum(stay, advance), skip)
-        total = xp.exp(stay - peak) + xp.exp(advance - peak) + xp.exp(skip - peak)
-        return peak + xp.log(total), None
+        from_advance, from_skip = xp.exp(advance - peak), xp.exp(skip - peak)
+        total = xp.exp(stay - peak) + from_advance + from_skip
+        if not cls.with_shares:
+            return peak + xp.log(total), None
+        return peak + xp.log(total), (from_advance / total, from_skip / total)
+
+
+class LogSemiringWithShares(LogSemiring):
+    """:class:`LogSemiring` whose choices are soft: the shares of each state's new value that came
+    by advancing (from s - 1) and by skipping (from s - 2); staying has the rest. They are what
+    the gradient follows back (:func:`forward_and_occupancy`), as the backtrace follows
+    :class:`MaxSemiring`'s moves, so the backward pass needs no exp or log at all."""
+
+    with_shares = True
 
 
 class MaxSemiring:
@@ -196,41 +213,50 @@ def _accumulate(hi: Array, lo: Array, value: Array) -> tuple[Array, Array]:
 def _edge_and_penalty(xp, skip_allowed: Array, log_epsilon: float, dtype):
     """Built once per scan: two log-0 states beyond the lattice's edge, and log_epsilon on
     forbidden jumps (added rather than selected: one op, and a forbidden jump can't win or count)."""
-    edge_state = xp.full_like(skip_allowed[:, :1], log_epsilon, dtype=dtype)
-    edge = xp.concat([edge_state, edge_state], axis=1)
+    edge_state = xp.full_like(skip_allowed[..., :1], log_epsilon, dtype=dtype)
+    edge = xp.concat([edge_state, edge_state], axis=-1)
     penalty = xp.where(skip_allowed, xp.zeros_like(skip_allowed, dtype=dtype), xp.full_like(skip_allowed, log_epsilon, dtype=dtype))
     return edge, penalty
 
 
 def make_lattice_step(xp, *, semiring, skip_allowed: Array, log_epsilon: float, dtype, keep_history: bool) -> Callable:
-    """The one step of the CTC recursion, for the scan.
+    """The one step of the CTC recursion, for the scan: a block of frames, then a renormalisation.
 
     alpha_t(s) = y_t(s) * (alpha_{t-1}(s) + alpha_{t-1}(s-1) + [skip] alpha_{t-1}(s-2)), in the
-    semiring's "sum" (log-sum-exp for the loss, max for Viterbi).
+    semiring's "sum" (log-sum-exp for the loss, max for Viterbi). States are (..., S): any
+    leading axes (the batch, or the two directions of :func:`forward_and_occupancy`) ride along.
 
-    carry: (log_state (B, S) with maximum 0, offset_hi (B,), offset_lo (B,)); the true log
+    carry: (log_state (..., S) with maximum 0, offset_hi (...), offset_lo (...)); the true log
     value of a state is ``log_state + offset_lo + offset_hi``.
-    frame: (log_emissions (B, S), padded (B,)).
-    Outputs per frame: (the new carry and the frame's shift ``peak`` (B,)) if ``keep_history``,
-    and the semiring's choices, if any.
+    block: (log_emissions (F, ..., S), carry_over (F, ...)) for F consecutive frames, as
+    :func:`_frames_for_the_scan` makes them.
+    Outputs per block: if ``keep_history``, the F states after each frame (relative to the
+    block's starting offsets) and those offsets; and the semiring's choices (F, ..., S), if any.
     """
-    num_states = skip_allowed.shape[1]
+    num_states = skip_allowed.shape[-1]
     edge, penalty = _edge_and_penalty(xp, skip_allowed, log_epsilon, dtype)
 
-    def step(carry, frame):
-        log_state, offset_hi, offset_lo = carry
-        log_emissions, padded = frame
-        extended = xp.concat([edge, log_state], axis=1)  # predecessors s-1, s-2 of every state s
-        advance = extended[:, 1 : num_states + 1]
-        skip = extended[:, :num_states] + penalty
+    def frame_step(log_state, log_emissions, carry_over):
+        extended = xp.concat([edge, log_state], axis=-1)  # predecessors s-1, s-2 of every state s
+        advance = extended[..., 1 : num_states + 1]
+        skip = extended[..., :num_states] + penalty
         combined, choice = semiring.combine(xp, log_state, advance, skip)
-        updated = xp.where(padded[:, None], log_state, combined + log_emissions)
-        peak = xp.max(updated, axis=1)
-        updated = updated - peak[:, None]
-        offset_hi, offset_lo = _accumulate(offset_hi, offset_lo, peak)
-        new_carry = (updated, offset_hi, offset_lo)
-        history = new_carry + (peak,) if keep_history else None
-        return new_carry, (history, choice)
+        # A padded frame keeps the state: see _frames_for_the_scan. Exact either way, and a
+        # maximum costs a third of a broadcast `where` in NumPy and torch.
+        return xp.maximum(combined + log_emissions, log_state + carry_over[..., None]), choice
+
+    def step(carry, block):
+        log_state, offset_hi, offset_lo = carry
+        block_emissions, block_carry_over = block
+        states, choices = [], []
+        for frame in range(block_emissions.shape[0]):
+            log_state, choice = frame_step(log_state, block_emissions[frame, ...], block_carry_over[frame, ...])
+            states.append(log_state)
+            choices.append(choice)
+        peak = xp.max(log_state, axis=-1)
+        new_carry = (log_state - peak[..., None],) + _accumulate(offset_hi, offset_lo, peak)
+        history = (xp.stack(states, axis=0), offset_hi, offset_lo) if keep_history else None
+        return new_carry, (history, tree_map(lambda *frames: xp.stack(frames, axis=0), *choices))
 
     return step
 
@@ -239,18 +265,57 @@ def initial_state(xp, lattice: Lattice) -> tuple[Array, Array, Array]:
     """The state before the first frame: a virtual frame where every path sits in state 0, so
     frame 0 can start on the first blank or, advancing, on the first label."""
     template = lattice.log_emissions[0, ...]
-    num_states = template.shape[1]
-    is_start = xp.arange(num_states, device=_device(template))[None, :] == 0
+    num_states = template.shape[-1]
+    is_start = xp.arange(num_states, device=_device(template)) == 0
     log_state = xp.where(is_start, xp.zeros_like(template), xp.full_like(template, lattice.log_epsilon))
-    zero = xp.zeros_like(template[:, 0])
+    zero = xp.zeros_like(template[..., 0])
     return log_state, zero, zero
 
 
-def run_recursion(xp, scan: Scan, lattice: Lattice, *, semiring=LogSemiring, keep_history: bool = False):
+# Far below any log value the recursion meets (>= T * log_epsilon), so adding it to one absorbs it
+# exactly, and far above float32's lowest value, so no sum of two of them overflows.
+_NEVER = -1e30
+
+
+def _frames_for_the_scan(xp, lattice: Lattice) -> tuple[Array, Array]:
+    """(T, ..., S) emissions and (T, ...) carry-over terms such that ``max(new + emission,
+    state + carry_over)`` is the new state on a valid frame and the old one on a padded frame:
+    a valid frame has carry-over _NEVER, a padded one has emissions _NEVER and carry-over 0."""
+    padded = lattice.frame_padded
+    never = xp.full_like(lattice.log_emissions, _NEVER)
+    emissions = xp.where(padded[..., None], never, lattice.log_emissions)
+    carry_over = xp.where(padded, xp.zeros_like(never[..., 0]), never[..., 0])
+    return emissions, carry_over
+
+
+def _in_blocks(xp, frames: Array, fill, block: int) -> Array:
+    """(T, ...) -> (ceil(T / F), F, ...), the last block completed with ``fill`` (padded frames)."""
+    num_frames = frames.shape[0]
+    missing = -num_frames % block
+    if missing:
+        filler = xp.full_like(frames[:1, ...], fill)
+        frames = xp.concat([frames] + [filler] * missing, axis=0)
+    return xp.reshape(frames, (frames.shape[0] // block, block) + tuple(frames.shape[1:]))
+
+
+def _per_frame(xp, blocked: Array, num_frames: int) -> Array:
+    """(T / F, F, ...) -> (T, ...), dropping the filler frames of :func:`_in_blocks`."""
+    return xp.reshape(blocked, (blocked.shape[0] * blocked.shape[1],) + tuple(blocked.shape[2:]))[:num_frames, ...]
+
+
+def run_recursion(xp, scan: Scan, lattice: Lattice, *, semiring=LogSemiring, keep_history: bool = False, frames_per_step: int = 1):
     """Scan the lattice step over all frames; returns (final carry, (history, choices)).
 
-    ``history`` (with ``keep_history``) is (log_state (T, B, S), offset_hi (T, B),
-    offset_lo (T, B), peak (T, B)) after each frame.
+    ``frames_per_step`` frames make one scan step, renormalised once at its end. A backend
+    with a cost per operation (a torch or NumPy loop) takes several; under XLA one is best,
+    because the per-frame maximum keeps frames from fusing into one kernel that recomputes each
+    frame's three predecessors (8 frames per step ran 6x slower on a CPU). Within a step the
+    log values drift by at most a few hundred (8 frames of peaky emissions), which leaves
+    float32 differences between states exact to about 1e-5.
+
+    ``history`` (with ``keep_history``) is (log_state (T, ..., S), offset_hi (T, ...),
+    offset_lo (T, ...)): after each frame, a state and the offsets that make it absolute (see
+    :func:`absolute`). ``choices`` (T, ..., S) are the semiring's, if any.
     """
     step = make_lattice_step(
         xp,
@@ -260,72 +325,81 @@ def run_recursion(xp, scan: Scan, lattice: Lattice, *, semiring=LogSemiring, kee
         dtype=lattice.log_emissions.dtype,
         keep_history=keep_history,
     )
-    return scan(step, initial_state(xp, lattice), (lattice.log_emissions, lattice.frame_padded))
+    num_frames = lattice.log_emissions.shape[0]
+    emissions, carry_over = _frames_for_the_scan(xp, lattice)
+    blocks = (
+        _in_blocks(xp, emissions, _NEVER, frames_per_step),
+        _in_blocks(xp, carry_over, 0.0, frames_per_step),
+    )
+    final, (history, choices) = scan(step, initial_state(xp, lattice), blocks)
+    if history is not None:
+        states, offset_hi, offset_lo = history
+        per_block = states.shape[:2] + tuple(offset_hi.shape[1:])
+        history = (
+            _per_frame(xp, states, num_frames),
+            _per_frame(xp, xp.broadcast_to(offset_hi[:, None, ...], per_block), num_frames),
+            _per_frame(xp, xp.broadcast_to(offset_lo[:, None, ...], per_block), num_frames),
+        )
+    choices = tree_map(lambda blocked: _per_frame(xp, blocked, num_frames), choices)
+    return final, (history, choices)
 
 
-def make_occupancy_step(xp, *, skip_allowed: Array, log_epsilon: float, dtype) -> Callable:
-    """The backward step: occupancies of frame t - 1 from those of frame t.
+def _ending_occupancy(xp, lattice: Lattice, final_log_state: Array) -> Array:
+    """(B, S) where the paths are after the last frame: on the last blank (2L) or the last label
+    (2L - 1), in proportion to their probabilities."""
+    state_ids = xp.arange(final_log_state.shape[-1], device=_device(final_log_state))
+    last_blank = 2 * lattice.label_lengths[:, None]
+    is_end = (state_ids == last_blank) | (state_ids == last_blank - 1)
+    ending = xp.where(is_end, final_log_state, xp.full_like(final_log_state, lattice.log_epsilon))
+    ending = xp.exp(ending - xp.max(ending, axis=-1, keepdims=True))
+    ending = xp.where(is_end, ending, xp.zeros_like(ending))
+    return ending / xp.sum(ending, axis=-1, keepdims=True)
 
-    This is Graves et al.'s beta recursion carried in posterior form, gamma_t(s) =
-    alpha_t(s) beta_t(s) / (y_t(s) P(l | x)), which is also the reverse-mode derivative of the
-    forward step: each state hands its occupancy back to its predecessors s, s - 1 and (when
-    allowed) s - 2 in proportion to what each contributed to it,
-    ``exp(log alpha_{t-1}(s') - log sum of alpha_{t-1} over the predecessors of s)``. Every
-    exponent is <= 0 (a part is at most its sum), so nothing overflows; occupancies lie in
-    [0, 1] and are renormalised per frame, so nothing underflows that matters.
 
-    carry: occupancy (B, S) at frame t.
-    frame: (log_state before frame t (B, S), log_state after it (B, S), log_emissions (B, S),
-    peak (B,), padded (B,)), the log states renormalised as the forward step left them.
+def _occupancy_step(xp) -> Callable:
+    """The backward step: occupancy of frame t - 1 from that of frame t (the soft backtrace).
+
+    Each state hands its occupancy back to the predecessors that made its value, in the shares
+    :class:`LogSemiringWithShares` recorded: gamma_{t-1}(s) = sum over the successors s' of s of
+    gamma_t(s') * share_t(s' <- s). This is Graves et al.'s beta recursion in posterior form
+    (gamma = alpha beta / P(l | x), eq. 14), and the reverse-mode derivative of the forward step.
+    Shares sum to one per state, so the total occupancy stays 1 with no renormalisation.
+
+    carry: occupancy (..., S) at frame t. frame: (share_advance, share_skip) (..., S) of frame t
+    and ``valid`` (...), 1 on a valid frame and 0 on a padded one (which hands its occupancy
+    over unchanged).
     """
-    num_states = skip_allowed.shape[1]
-    edge, penalty = _edge_and_penalty(xp, skip_allowed, log_epsilon, dtype)
-    jump_from = xp.concat([penalty, edge], axis=1)[:, 2:]  # penalty of the jump s -> s + 2
-    no_occupancy = xp.zeros_like(edge)
-    beyond_edge = -edge  # an "incoming sum" of exp(-log_epsilon): weights into it vanish
 
     def step(occupancy, frame):
-        before, after, log_emissions, peak, padded = frame
-        # log of the sum over the predecessors of each state s (undoing the renormalisation);
-        # on padded frames replaced so that every weight vanishes (the frame hands over as is).
-        incoming = xp.where(padded[:, None], -xp.ones_like(after) * log_epsilon, after + peak[:, None] - log_emissions)
-        next_occupancy = xp.concat([occupancy, no_occupancy], axis=1)
-        next_incoming = xp.concat([incoming, beyond_edge], axis=1)
-        earlier = (
-            occupancy * xp.exp(before - incoming)
-            + next_occupancy[:, 1 : num_states + 1] * xp.exp(before - next_incoming[:, 1 : num_states + 1])
-            + next_occupancy[:, 2:] * xp.exp(before + jump_from - next_incoming[:, 2:])
-        )
-        total = xp.sum(earlier, axis=1, keepdims=True)
-        earlier = earlier / xp.where(total > 0, total, xp.ones_like(total))
-        earlier = xp.where(padded[:, None], occupancy, earlier)
+        share_advance, share_skip, valid = frame
+        moving = occupancy * valid[..., None]
+        to_previous = moving * share_advance
+        to_second_previous = moving * share_skip
+        num_states = occupancy.shape[-1]
+        beyond = xp.zeros_like(occupancy[..., :1])
+        from_next = xp.concat([to_previous, beyond], axis=-1)[..., 1 : num_states + 1]
+        from_after_next = xp.concat([to_second_previous, beyond, beyond], axis=-1)[..., 2 : num_states + 2]
+        earlier = (occupancy - to_previous - to_second_previous) + from_next + from_after_next
         return earlier, occupancy
 
     return step
 
 
-def state_occupancy(xp, scan: Scan, lattice: Lattice, alpha_history: Array, peaks: Array) -> Array:
-    """(T, B, S) probability that the path is in state s at frame t, given the labels.
+def forward_and_occupancy(xp, scan: Scan, lattice: Lattice, *, frames_per_step: int = 1):
+    """The forward recursion's final carry, and the (T, B, S) probability that the path is in
+    state s at frame t given the labels (Graves et al. 2006, eq. 14).
 
-    Graves et al. (2006), eq. 14, from the forward history (``alpha_history`` and ``peaks`` as
-    :func:`run_recursion` returns them) and one reverse scan of :func:`make_occupancy_step`.
-    Normalised per frame rather than divided by the loss, which keeps float32 accuracy over
-    any number of frames. Zero on padded frames.
+    One forward scan under :class:`LogSemiringWithShares`, then one reverse scan of
+    :func:`_occupancy_step` from where the paths end. Normalised by construction (each frame's
+    occupancies sum to 1), never divided by the likelihood, so float32 accuracy holds over any
+    number of frames. Zero on the states of padded labels; a padded frame repeats the next
+    valid frame's occupancy (mask it where it matters, as :func:`logits_gradient` does).
     """
-    start = initial_state(xp, lattice)[0]
-    before = xp.concat([start[None, ...], alpha_history[:-1, ...]], axis=0)
-    final = alpha_history[-1, ...]
-    # At the end, the paths finish on the last blank (2L) or the last label (2L - 1).
-    state_ids = xp.arange(final.shape[1], device=_device(final))[None, :]
-    last_blank = 2 * lattice.label_lengths[:, None]
-    is_end = (state_ids == last_blank) | (state_ids == last_blank - 1)
-    ending = xp.where(is_end, final, xp.full_like(final, lattice.log_epsilon))
-    ending = xp.exp(ending - xp.max(ending, axis=1, keepdims=True))
-    ending = xp.where(is_end, ending, xp.zeros_like(ending))
-    ending = ending / xp.sum(ending, axis=1, keepdims=True)
-    step = make_occupancy_step(xp, skip_allowed=lattice.skip_allowed, log_epsilon=lattice.log_epsilon, dtype=final.dtype)
-    _, occupancy = scan(step, ending, (before, alpha_history, lattice.log_emissions, peaks, lattice.frame_padded), reverse=True)
-    return xp.where(lattice.frame_padded[:, :, None], xp.zeros_like(occupancy), occupancy)
+    final, (_, shares) = run_recursion(xp, scan, lattice, semiring=LogSemiringWithShares, frames_per_step=frames_per_step)
+    padded = lattice.frame_padded
+    valid = xp.where(padded, xp.zeros_like(padded, dtype=final[1].dtype), xp.ones_like(padded, dtype=final[1].dtype))
+    _, occupancy = scan(_occupancy_step(xp), _ending_occupancy(xp, lattice, final[0]), shares + (valid,), reverse=True)
+    return final, occupancy
 
 
 def absolute(xp, log_state: Array, offset_hi: Array, offset_lo: Array) -> Array:
@@ -363,11 +437,21 @@ def forward_probs_from_history(xp, history) -> tuple[Array, Array]:
     return blank, log_alpha[..., 1::2]
 
 
-def logits_gradient(xp, lattice: Lattice, occupancy: Array) -> Array:
-    """(B, T, K) d loss / d logits = softmax - occupancy summed per class (eq. 16 through the softmax)."""
+def per_class_sum_by_matmul(xp, values: Array, state_classes: Array, num_classes: int) -> Array:
+    """(B, T, S) values, (B, S) class of each state -> (B, T, K) sums per class, for namespaces
+    without a scatter-add (the array API has none): a one-hot matmul, B*T*S*K multiply-adds."""
+    class_axis = xp.arange(num_classes, dtype=state_classes.dtype, device=_device(state_classes))
+    emits_class = state_classes[:, :, None] == class_axis
+    return xp.matmul(values, xp.astype(emits_class, values.dtype))
+
+
+def logits_gradient(xp, lattice: Lattice, occupancy: Array, per_class_sum: Callable) -> Array:
+    """(B, T, K) d loss / d logits = softmax - occupancy summed per class (eq. 16 through the softmax).
+
+    ``per_class_sum(xp, values (B, T, S), state_classes (B, S), K)`` is the backend's
+    scatter-add (B*T*S additions), or :func:`per_class_sum_by_matmul`.
+    """
     num_classes = lattice.log_probs.shape[2]
-    class_axis = xp.arange(num_classes, dtype=lattice.state_classes.dtype, device=_device(lattice.state_classes))
-    emits_class = (lattice.state_classes[:, :, None] == class_axis) & lattice.state_is_real[:, :, None]
-    per_class = xp.matmul(xp.permute_dims(occupancy, (1, 0, 2)), xp.astype(emits_class, occupancy.dtype))
-    gradient = xp.exp(lattice.log_probs) - per_class
+    per_state = xp.permute_dims(occupancy, (1, 0, 2))  # occupancy is zero on the padded labels' states
+    gradient = xp.exp(lattice.log_probs) - per_class_sum(xp, per_state, lattice.state_classes, num_classes)
     return xp.where(lattice.logit_padded[:, :, None], xp.zeros_like(gradient), gradient)

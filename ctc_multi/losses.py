@@ -14,11 +14,11 @@ from .backends import index_dtype
 from .inputs import CTCInputs, check_inputs
 from .lattice import (
     build_lattice,
+    forward_and_occupancy,
     forward_probs_from_history,
     logits_gradient,
     loss_from_final_state,
     run_recursion,
-    state_occupancy,
 )
 
 Array = Any
@@ -72,25 +72,25 @@ class _Problem:
     def forward(self, *arrays):
         """(B,) loss."""
         lattice = self.lattice(*arrays)
-        final, _ = run_recursion(self.xp, self.backend.scan, lattice)
+        final, _ = run_recursion(self.xp, self.backend.scan, lattice, frames_per_step=self.backend.FRAMES_PER_STEP)
         return self._loss(lattice, final)
 
     def forward_with_residuals(self, *arrays):
-        """(B,) loss and what the backward pass needs: the (T, B, S) renormalised log alphas and
-        the (T, B) per-frame shifts."""
-        lattice = self.lattice(*arrays)
-        final, (history, _) = run_recursion(self.xp, self.backend.scan, lattice, keep_history=True)
-        return self._loss(lattice, final), (history[0], history[3])
-
-    def backward(self, residuals, loss_cotangent, *arrays):
-        """(B, T, K) cotangent of the logits: the backward recursion, then eq. 16 of Graves et al."""
+        """(B,) loss and, as the one residual the backward pass needs, the (B, T, K) gradient of
+        each sequence's loss: alpha and beta come from one scan (see ``forward_and_occupancy``),
+        so once the loss is known the gradient costs a few elementwise operations more."""
         xp = self.xp
         lattice = self.lattice(*arrays)
-        gradient = logits_gradient(xp, lattice, state_occupancy(xp, self.backend.scan, lattice, *residuals))
-        scale = xp.astype(loss_cotangent, gradient.dtype)
+        final, occupancy = forward_and_occupancy(xp, self.backend.scan, lattice, frames_per_step=self.backend.FRAMES_PER_STEP)
+        gradient = logits_gradient(xp, lattice, occupancy, self.backend.per_class_sum)
         if self.zero_infinity:
-            scale = xp.where(lattice.feasible, scale, xp.zeros_like(scale))
-        return gradient * scale[:, None, None]
+            gradient = xp.where(lattice.feasible[:, None, None], gradient, xp.zeros_like(gradient))
+        return self._loss(lattice, final), (gradient,)
+
+    def backward(self, residuals, loss_cotangent):
+        """(B, T, K) cotangent of the logits (eq. 16 of Graves et al., from ``forward_with_residuals``)."""
+        (gradient,) = residuals
+        return gradient * self.xp.astype(loss_cotangent, gradient.dtype)[:, None, None]
 
 
 def _arrays(inputs: CTCInputs):
@@ -103,15 +103,14 @@ def _loss(problem: _Problem, reduction: str, *arrays):
 
 
 def _loss_and_grad(problem: _Problem, logits, *others):
-    logits = problem.backend.detach(logits)
-    loss, residuals = problem.forward_with_residuals(logits, *others)
-    return loss, problem.backward(residuals, problem.xp.ones_like(loss), logits, *others)
+    loss, (gradient,) = problem.forward_with_residuals(problem.backend.detach(logits), *others)
+    return loss, gradient
 
 
 def _loss_with_forward_probs(problem: _Problem, *arrays):
     xp = problem.xp
     lattice = problem.lattice(*arrays)
-    final, (history, _) = run_recursion(xp, problem.backend.scan, lattice, keep_history=True)
+    final, (history, _) = run_recursion(xp, problem.backend.scan, lattice, keep_history=True, frames_per_step=problem.backend.FRAMES_PER_STEP)
     loss = loss_from_final_state(xp, lattice, final, problem.index_dtype)
     return (loss,) + forward_probs_from_history(xp, history)
 

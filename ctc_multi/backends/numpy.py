@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from array_api_compat import array_namespace
+from array_api_compat import array_namespace, is_numpy_namespace
 
+from ..lattice import per_class_sum_by_matmul
 from ..scan import python_loop_scan
 
 NAME = "numpy"
@@ -12,6 +13,13 @@ INDEX_DTYPE_NAME = "int64"
 
 def _stack(arrays):
     return array_namespace(arrays[0]).stack(arrays, axis=0)
+
+
+# Up to this many classes, per_class_sum is a one-hot matmul (B*T*S*K) rather than a bincount.
+ONE_HOT_MAX_CLASSES = 128
+
+# Lattice frames per scan step (see ctc_multi.lattice.run_recursion).
+FRAMES_PER_STEP = 8
 
 
 def scan(step, init, xs, *, reverse=False):
@@ -24,6 +32,20 @@ def is_concrete(x) -> bool:
 
 def with_explicit_gradient(forward, forward_with_residuals, backward):
     return forward  # no autodiff to wire: ctc_loss_and_grad calls backward itself
+
+
+def per_class_sum(xp, values, state_classes, num_classes):
+    """(B, T, S), (B, S) -> (B, T, K): NumPy's bincount (a scatter-add, summed in float64) for
+    many classes; the one-hot matmul for few (faster up to about a hundred) and for other
+    array-API namespaces, which have no scatter-add."""
+    if not is_numpy_namespace(xp) or num_classes <= ONE_HOT_MAX_CLASSES:
+        return per_class_sum_by_matmul(xp, values, state_classes, num_classes)
+    import numpy as np
+
+    batch, frames, _ = values.shape
+    rows = np.arange(batch * frames).reshape(batch, frames, 1) * num_classes
+    totals = np.bincount((rows + state_classes[:, None, :]).ravel(), weights=values.ravel(), minlength=rows.size * num_classes)
+    return totals.reshape(batch, frames, num_classes).astype(values.dtype)
 
 
 def detach(x):

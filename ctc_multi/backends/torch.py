@@ -14,6 +14,10 @@ def _stack(tensors):
     return torch.stack(tensors, dim=0)
 
 
+# Lattice frames per scan step (see ctc_multi.lattice.run_recursion).
+FRAMES_PER_STEP = 8
+
+
 def scan(step, init, xs, *, reverse=False):
     return python_loop_scan(step, init, xs, reverse=reverse, stack=_stack)
 
@@ -28,16 +32,14 @@ class _ExplicitGradient(torch.autograd.Function):
         forward_with_residuals, backward = functions
         value, residuals = forward_with_residuals(logits, *others)
         ctx.backward_function = backward
-        ctx.num_residuals = len(residuals)
-        ctx.save_for_backward(*residuals, logits, *others)
+        ctx.num_others = len(others)
+        ctx.save_for_backward(*residuals)
         return value
 
     @staticmethod
     def backward(ctx, cotangent):
-        saved = ctx.saved_tensors
-        residuals, (logits, *others) = saved[: ctx.num_residuals], saved[ctx.num_residuals :]
-        gradient = ctx.backward_function(tuple(residuals), cotangent, logits, *others)
-        return (None, gradient) + (None,) * len(others)
+        gradient = ctx.backward_function(tuple(ctx.saved_tensors), cotangent)
+        return (None, gradient) + (None,) * ctx.num_others
 
 
 def with_explicit_gradient(forward, forward_with_residuals, backward):
@@ -47,6 +49,12 @@ def with_explicit_gradient(forward, forward_with_residuals, backward):
         return _ExplicitGradient.apply((forward_with_residuals, backward), logits, *others)
 
     return loss
+
+
+def per_class_sum(xp, values, state_classes, num_classes):
+    """(B, T, S), (B, S) -> (B, T, K): a scatter-add."""
+    totals = values.new_zeros(values.shape[:2] + (num_classes,))
+    return totals.scatter_add_(2, state_classes[:, None, :].expand(values.shape), values)
 
 
 def detach(x):
