@@ -6,18 +6,22 @@
 #
 # Writes everything under $OUT: environment.txt, tests_cuda.txt, bench_cuda.txt (+ .json, .png),
 # memory_cuda.txt, tests_all.txt, summary.txt. Steps run in order of value, each under its own
-# timeout taken from one overall budget (BUDGET_S, default 420 s), so a slow or hung step costs
+# timeout taken from one overall budget (BUDGET_S, default 480 s), so a slow or hung step costs
 # only its share and whatever finished still comes back:
 #   1. environment (nvidia-smi, versions, devices)
 #   2. the GPU-specific tests (tests/test_cuda.py: torch CUDA and jax GPU against the reference)
-#   3. the benchmark on every named shape, big included, anchors (optax, torch native, cuDNN) in the same run
-#   4. peak memory of jax fwd+bwd on `long`, ctc_multi vs optax, each in a fresh process
-#   5. the whole test suite (JAX tests run on the GPU there: jax puts new arrays on it by default)
+#   3. jax fwd+bwd against optax for several loop unrolls (benchmarks/gpu_unroll.py)
+#   4. the benchmark on every named shape, big included, anchors (optax, torch native, cuDNN) in the same run
+#   5. peak memory of jax fwd+bwd on `long`, ctc_multi vs optax, each in a fresh process
+#   6. the whole test suite (JAX tests run on the GPU there: jax puts new arrays on it by default)
 #
 # ctc_multi runs from this checkout (PYTHONPATH), nothing is installed. Pure-Python test
 # dependencies missing on the machine (array-api-compat is required; pytest, hypothesis,
 # array-api-strict for the tests) can be brought along: here, run
-#   pip install --no-deps --target benchmarks/results/vendor array-api-compat hypothesis array-api-strict
+#   pip install --no-deps --target benchmarks/results/vendor array-api-compat hypothesis array-api-strict \
+#     sortedcontainers attrs pytest iniconfig pluggy packaging pytest-xdist execnet
+# (hypothesis has a compiled part: add the one for the machine's Python, 3.12 on the lent
+# machines, from `pip download --python-version 3.12 --only-binary=:all: hypothesis==<same>`)
 # and pass benchmarks/results/vendor in the device run's `carry`; it is put on PYTHONPATH (after the
 # machine's own packages, so it never shadows them).
 set -u
@@ -27,7 +31,7 @@ mkdir -p "$OUT"
 
 DRY_RUN=0
 [ "${1:-}" = "--dry-run" ] && DRY_RUN=1
-BUDGET_S=${BUDGET_S:-420}
+BUDGET_S=${BUDGET_S:-480}
 VENDOR=${VENDOR:-benchmarks/results/vendor}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 [ -d "$VENDOR" ] && export PYTHONPATH="$PYTHONPATH:$PWD/$VENDOR"
@@ -35,9 +39,9 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false  # jax takes GPU memory as it needs i
 PYTHON=${PYTHON:-python}
 
 if [ "$DRY_RUN" = 1 ]; then
-  DEVICE=cpu; SHAPES=small; REPEATS=5; MEMORY_SHAPE=small; SUITE="tests/test_sharding.py tests/test_cuda.py"
+  DEVICE=cpu; SHAPES=small; REPEATS=5; MEMORY_SHAPE=small; UNROLL_SHAPES=small; SUITE="tests/test_sharding.py tests/test_cuda.py"
 else
-  DEVICE=cuda; SHAPES=small,char,bpe,long,vocab5k,big; REPEATS=10; MEMORY_SHAPE=long; SUITE=tests
+  DEVICE=cuda; SHAPES=small,char,bpe,long,vocab5k,big; REPEATS=10; MEMORY_SHAPE=long; UNROLL_SHAPES=char,long,big; SUITE=tests
 fi
 
 STARTED=$SECONDS
@@ -74,11 +78,13 @@ EOF
 summary "$(grep -E 'MISSING|devices|cuda' "$OUT/environment.txt" | tr '\n' ';')"
 
 step cuda-tests 90 tests_cuda.txt "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py
+step unroll 90 unroll_cuda.txt "$PYTHON" benchmarks/gpu_unroll.py --shapes "$UNROLL_SHAPES"
 step benchmark 200 bench_cuda.txt "$PYTHON" benchmarks/run.py --device "$DEVICE" --shapes "$SHAPES" --repeats "$REPEATS" --budget 15 \
   --json "$OUT/bench_cuda.json" --plot "$OUT/bench_cuda.png"
 step memory 50 memory_cuda.txt "$PYTHON" benchmarks/run.py --memory --device "$DEVICE" --shapes "$MEMORY_SHAPE" --json "$OUT/memory_cuda.json"
-# shellcheck disable=SC2086  # SUITE is a list of paths
-step all-tests 150 tests_all.txt "$PYTHON" -m pytest -q -x -p no:cacheprovider $SUITE
+XDIST=""; "$PYTHON" -c "import xdist" 2>/dev/null && XDIST="-n 8"
+# shellcheck disable=SC2086  # XDIST and SUITE are lists
+step all-tests 150 tests_all.txt "$PYTHON" -m pytest -q -x -p no:cacheprovider $XDIST $SUITE
 
 tail -n 30 "$OUT/bench_cuda.txt" >>"$OUT/summary.txt" 2>/dev/null
 tail -n 3 "$OUT/tests_all.txt" >>"$OUT/summary.txt" 2>/dev/null

@@ -282,9 +282,10 @@ def _frames_for_the_scan(xp, lattice: Lattice) -> tuple[Array, Array]:
     state + carry_over)`` is the new state on a valid frame and the old one on a padded frame:
     a valid frame has carry-over _NEVER, a padded one has emissions _NEVER and carry-over 0."""
     padded = lattice.frame_padded
-    never = xp.full_like(lattice.log_emissions, _NEVER)
-    emissions = xp.where(padded[..., None], never, lattice.log_emissions)
-    carry_over = xp.where(padded, xp.zeros_like(never[..., 0]), never[..., 0])
+    never = xp.full_like(lattice.log_emissions[..., 0], _NEVER)
+    carry_over = xp.where(padded, xp.zeros_like(never), never)
+    # _NEVER absorbs any emission exactly: one addition instead of a (T, B, S) `where`.
+    emissions = lattice.log_emissions + xp.where(padded, never, xp.zeros_like(never))[..., None]
     return emissions, carry_over
 
 

@@ -12,9 +12,11 @@ NAME = "jax"
 INDEX_DTYPE_NAME = "int32"  # int64 needs jax_enable_x64
 
 
-# Four lattice steps per loop iteration: on a 2-core CPU, 1.2-1.4x faster than 1 on the char and
-# long shapes and no slower on bpe; 8 was no better (benchmarks/run.py, see the README).
-UNROLL = 1
+# Lattice steps per loop iteration, by platform. On a CPU, 1: XLA fuses unrolled steps into one
+# kernel that recomputes each step's shifted neighbours (the reverse scan ran 2.7x slower at 4).
+# On a GPU each loop iteration costs a launch and a predicate read, so unrolling pays.
+UNROLL = {"cpu": 1}
+UNROLL_ELSEWHERE = 8
 
 
 # Up to this many classes, per_class_sum is a one-hot matmul (B*T*S*K) rather than a scatter-add.
@@ -25,7 +27,8 @@ FRAMES_PER_STEP = 1
 
 
 def scan(step, init, xs, *, reverse=False):
-    return jax.lax.scan(step, init, xs, reverse=reverse, unroll=UNROLL)
+    unroll = UNROLL.get(jax.default_backend(), UNROLL_ELSEWHERE)
+    return jax.lax.scan(step, init, xs, reverse=reverse, unroll=unroll)
 
 
 def is_concrete(x) -> bool:
