@@ -12,11 +12,14 @@ NAME = "jax"
 INDEX_DTYPE_NAME = "int32"  # int64 needs jax_enable_x64
 
 
-# Lattice steps per loop iteration, by platform. On a CPU, 1: XLA fuses unrolled steps into one
-# kernel that recomputes each step's shifted neighbours (the reverse scan ran 2.7x slower at 4).
-# On a GPU each loop iteration costs a launch and a predicate read, so unrolling pays.
-UNROLL = {"cpu": 1}
-UNROLL_ELSEWHERE = 8
+# Lattice steps per loop iteration: (forward scans, reverse scans) by platform. On a CPU the
+# forward step ends in a row maximum, which keeps XLA from fusing unrolled steps, and 4 runs
+# 1.2-1.4x faster than 1 on `long`; the reverse (occupancy) step has no such break, and unrolled
+# copies fuse into one kernel that recomputes each step's shifted neighbours (2.7x slower at 4).
+# On a GPU each loop iteration costs a launch and a predicate read, so unrolling pays both ways
+# (H100, benchmarks/gpu_unroll.py: README, Performance).
+UNROLL = {"cpu": (4, 1)}
+UNROLL_ELSEWHERE = (8, 8)
 
 
 # Up to this many classes, per_class_sum is a one-hot matmul (B*T*S*K) rather than a scatter-add.
@@ -27,7 +30,7 @@ FRAMES_PER_STEP = 1
 
 
 def scan(step, init, xs, *, reverse=False):
-    unroll = UNROLL.get(jax.default_backend(), UNROLL_ELSEWHERE)
+    unroll = UNROLL.get(jax.default_backend(), UNROLL_ELSEWHERE)[1 if reverse else 0]
     return jax.lax.scan(step, init, xs, reverse=reverse, unroll=unroll)
 
 
