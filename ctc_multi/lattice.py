@@ -357,24 +357,32 @@ def _occupancy_step(xp) -> Callable:
     (gamma = alpha beta / P(l | x), eq. 14), and the reverse-mode derivative of the forward step.
     Shares sum to one per state, so the total occupancy stays 1 with no renormalisation.
 
-    carry: occupancy (..., S) at frame t. frame: (share_advance, share_skip) (..., S) of frame t
-    and ``valid`` (...), 1 on a valid frame and 0 on a padded one (which hands its occupancy
-    over unchanged).
+    carry: occupancy (..., S) at frame t. frame: (..., S) shares of frame t, as
+    :func:`_backward_shares` lays them out: kept by state s, handed from s + 1, from s + 2.
     """
 
     def step(occupancy, frame):
-        share_advance, share_skip, valid = frame
-        moving = occupancy * valid[..., None]
-        to_previous = moving * share_advance
-        to_second_previous = moving * share_skip
+        stays, from_next, from_after_next = frame
         num_states = occupancy.shape[-1]
+        # Only the carry is shifted inside the loop; the shares were shifted outside it (XLA
+        # runs a shifted product in the loop body at half the speed of a shifted input).
         beyond = xp.zeros_like(occupancy[..., :1])
-        from_next = xp.concat([to_previous, beyond], axis=-1)[..., 1 : num_states + 1]
-        from_after_next = xp.concat([to_second_previous, beyond, beyond], axis=-1)[..., 2 : num_states + 2]
-        earlier = (occupancy - to_previous - to_second_previous) + from_next + from_after_next
+        later = xp.concat([occupancy, beyond, beyond], axis=-1)
+        earlier = occupancy * stays + later[..., 1 : num_states + 1] * from_next + later[..., 2 : num_states + 2] * from_after_next
         return earlier, occupancy
 
     return step
+
+
+def _backward_shares(xp, shares: tuple[Array, Array], frame_padded: Array) -> tuple[Array, Array, Array]:
+    """(T, ..., S) shares of every state (advance, skip) -> what state s keeps, and the shares
+    that states s + 1 and s + 2 hand back to it; a padded frame keeps everything."""
+    share_advance, share_skip = (xp.where(frame_padded[..., None], xp.zeros_like(share), share) for share in shares)
+    num_states = share_advance.shape[-1]
+    beyond = xp.zeros_like(share_advance[..., :1])
+    from_next = xp.concat([share_advance, beyond], axis=-1)[..., 1 : num_states + 1]
+    from_after_next = xp.concat([share_skip, beyond, beyond], axis=-1)[..., 2 : num_states + 2]
+    return (1 - share_advance) - share_skip, from_next, from_after_next
 
 
 def forward_and_occupancy(xp, scan: Scan, lattice: Lattice, *, frames_per_step: int = 1):
@@ -388,9 +396,8 @@ def forward_and_occupancy(xp, scan: Scan, lattice: Lattice, *, frames_per_step: 
     valid frame's occupancy (mask it where it matters, as :func:`logits_gradient` does).
     """
     final, (_, shares) = run_recursion(xp, scan, lattice, semiring=LogSemiringWithShares, frames_per_step=frames_per_step)
-    padded = lattice.frame_padded
-    valid = xp.where(padded, xp.zeros_like(padded, dtype=final[1].dtype), xp.ones_like(padded, dtype=final[1].dtype))
-    _, occupancy = scan(_occupancy_step(xp), _ending_occupancy(xp, lattice, final[0]), shares + (valid,), reverse=True)
+    backward = _backward_shares(xp, shares, lattice.frame_padded)
+    _, occupancy = scan(_occupancy_step(xp), _ending_occupancy(xp, lattice, final[0]), backward, reverse=True)
     return final, occupancy
 
 
