@@ -227,8 +227,8 @@ def make_lattice_step(
     """The one step of the CTC recursion, for the scan: a block of frames, then a renormalisation.
 
     alpha_t(s) = y_t(s) * (alpha_{t-1}(s) + alpha_{t-1}(s-1) + [skip] alpha_{t-1}(s-2)), in the
-    semiring's "sum" (log-sum-exp for the loss, max for Viterbi). States are (..., S): any
-    leading axes (the batch, or the two directions of :func:`forward_and_occupancy`) ride along.
+    semiring's "sum" (log-sum-exp for the loss, max for Viterbi). States are (..., S): the
+    batch, and any other leading axes, ride along.
 
     carry: (log_state (..., S) with maximum 0, offset_hi (...), offset_lo (...)); the true log
     value of a state is ``log_state + offset_lo + offset_hi``.
