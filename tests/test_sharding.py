@@ -39,7 +39,7 @@ CHILD = textwrap.dedent(
     import ctc_multi
     from ctc_multi.shapes import Shape, random_problem
 
-    problem = random_problem(Shape("sharded", B=8, T=60, K=12, N=15), seed=3, dtype="float64")
+    problem = random_problem(Shape("sharded", B=8, T=60, K=NUM_CLASSES, N=15), seed=3, dtype="float64")
     unsharded = [jnp.asarray(a) for a in problem]
     loss = jax.jit(ctc_multi.ctc_loss)
     grad = jax.jit(jax.grad(lambda logits, *others: jnp.sum(ctc_multi.ctc_loss(logits, *others))))
@@ -83,10 +83,16 @@ CHILD = textwrap.dedent(
 MESHES = ["auto", "explicit"]
 
 
-@pytest.fixture(scope="module")
-def sharded_run() -> dict:
+# The gradient's per-class sum is a one-hot matmul for few classes and a scatter-add for many
+# (ctc_multi.backends.jax.ONE_HOT_MAX_CLASSES = 128): both must keep the batch on its devices.
+CLASS_COUNTS = {"few classes (one-hot matmul)": 12, "many classes (scatter-add)": 200}
+
+
+@pytest.fixture(scope="module", params=list(CLASS_COUNTS.values()), ids=list(CLASS_COUNTS))
+def sharded_run(request) -> dict:
     environment = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES}", JAX_PLATFORMS="cpu")
-    done = subprocess.run([sys.executable, "-c", CHILD.replace("DEVICES", str(DEVICES))], capture_output=True, text=True, env=environment)
+    child = CHILD.replace("DEVICES", str(DEVICES)).replace("NUM_CLASSES", str(request.param))
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, env=environment)
     assert done.returncode == 0, f"the sharded run failed:\n{done.stderr[-4000:]}"
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["devices"] >= DEVICES, f"XLA_FLAGS gave {result['devices']} devices, not {DEVICES}"
