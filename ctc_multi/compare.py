@@ -258,7 +258,6 @@ def _prepare_torch_native(case: Case, device: str) -> Prepared:
     to the front first (padding may sit anywhere in an --input file); the gradient is moved
     back before it is compared. Both happen outside the timed runs.
     """
-    import torch
     import torch.nn.functional as F
 
     logits, logit_paddings, labels, label_paddings = case.problem

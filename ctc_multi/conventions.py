@@ -13,7 +13,7 @@ from __future__ import annotations
 import operator
 from typing import Any
 
-from array_api_compat import array_namespace, device
+from array_api_compat import device
 
 from .backends import backend_for, index_dtype
 from .inputs import _as_padding_mask, in_namespace_of, namespace_of

@@ -26,7 +26,7 @@ Numerics, shared by every backend:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from array_api_compat import is_torch_namespace
