@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .inputs import check_inputs
-from .lattice import MaxSemiring, forward_and_occupancy, run_recursion
+from .lattice import MaxSemiring
 from .losses import DEFAULT_LOG_EPSILON, _Problem
 
 Array = Any
@@ -80,7 +80,7 @@ def forced_align(logits: Array, logit_paddings: Array, labels: Array, label_padd
 def _forced_align(problem: _Problem, logits, *others):
     xp, scan = problem.xp, problem.backend.scan
     lattice = problem.lattice(problem.backend.detach(logits), *others)
-    final, (_, choices) = run_recursion(xp, scan, lattice, semiring=MaxSemiring, frames_per_step=problem.backend.FRAMES_PER_STEP)
+    final, (_, choices) = problem.recursion(lattice, semiring=MaxSemiring)
 
     log_state = final[0]  # (B, S); renormalised, which leaves the comparison below unchanged
     final_blank = 2 * xp.astype(lattice.label_lengths, problem.index_dtype)
@@ -213,9 +213,9 @@ def ctc_posteriors(
 
 
 def _posteriors(problem: _Problem, *arrays):
-    xp, scan = problem.xp, problem.backend.scan
+    xp = problem.xp
     lattice = problem.lattice(*arrays)
-    _, occupancy = forward_and_occupancy(xp, scan, lattice, frames_per_step=problem.backend.FRAMES_PER_STEP)  # (T, B, S)
+    _, occupancy = problem.occupancy(lattice)  # (T, B, S)
     posteriors = xp.permute_dims(occupancy[:, :, 1::2], (1, 0, 2))  # odd states emit the labels
     counts = lattice.feasible[:, None, None] & ~lattice.logit_padded[:, :, None]
     return xp.where(counts, posteriors, xp.zeros_like(posteriors))

@@ -62,6 +62,14 @@ class _Problem:
             index_dtype=self.index_dtype,
         )
 
+    def recursion(self, lattice, **options):
+        """:func:`~ctc_multi.lattice.run_recursion` with this backend's scan and frames per step."""
+        return run_recursion(self.xp, self.backend.scan, lattice, frames_per_step=self.backend.FRAMES_PER_STEP, **options)
+
+    def occupancy(self, lattice):
+        """:func:`~ctc_multi.lattice.forward_and_occupancy` with this backend's scan and frames per step."""
+        return forward_and_occupancy(self.xp, self.backend.scan, lattice, frames_per_step=self.backend.FRAMES_PER_STEP)
+
     def _loss(self, lattice, final):
         xp = self.xp
         loss = loss_from_final_state(xp, lattice, final, self.index_dtype)
@@ -72,16 +80,17 @@ class _Problem:
     def forward(self, *arrays):
         """(B,) loss."""
         lattice = self.lattice(*arrays)
-        final, _ = run_recursion(self.xp, self.backend.scan, lattice, frames_per_step=self.backend.FRAMES_PER_STEP)
+        final, _ = self.recursion(lattice)
         return self._loss(lattice, final)
 
     def forward_with_residuals(self, *arrays):
         """(B,) loss and, as the one residual the backward pass needs, the (B, T, K) gradient of
-        each sequence's loss: alpha and beta come from one scan (see ``forward_and_occupancy``),
-        so once the loss is known the gradient costs a few elementwise operations more."""
+        each sequence's loss: the forward scan that gives the loss also records each state's
+        shares, and one reverse scan of multiplies and adds turns them into occupancies (see
+        ``forward_and_occupancy``)."""
         xp = self.xp
         lattice = self.lattice(*arrays)
-        final, occupancy = forward_and_occupancy(xp, self.backend.scan, lattice, frames_per_step=self.backend.FRAMES_PER_STEP)
+        final, occupancy = self.occupancy(lattice)
         gradient = logits_gradient(xp, lattice, occupancy, self.backend.per_class_sum)
         if self.zero_infinity:
             gradient = xp.where(lattice.feasible[:, None, None], gradient, xp.zeros_like(gradient))
@@ -108,11 +117,9 @@ def _loss_and_grad(problem: _Problem, logits, *others):
 
 
 def _loss_with_forward_probs(problem: _Problem, *arrays):
-    xp = problem.xp
     lattice = problem.lattice(*arrays)
-    final, (history, _) = run_recursion(xp, problem.backend.scan, lattice, keep_history=True, frames_per_step=problem.backend.FRAMES_PER_STEP)
-    loss = loss_from_final_state(xp, lattice, final, problem.index_dtype)
-    return (loss,) + forward_probs_from_history(xp, history)
+    final, (history, _) = problem.recursion(lattice, keep_history=True)
+    return (problem._loss(lattice, final),) + forward_probs_from_history(problem.xp, history)
 
 
 def _check_reduction(reduction) -> str:
