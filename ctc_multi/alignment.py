@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .inputs import check_inputs
-from .lattice import MaxSemiring
+from .lattice import MaxSemiring, log_softmax_of_classes
 from .losses import DEFAULT_LOG_EPSILON, _Problem
 
 Array = Any
@@ -92,7 +92,7 @@ def _forced_align(problem: _Problem, logits, *others):
     _, states = scan(_backtrace_step(xp), end_state, (choices, lattice.frame_padded), reverse=True)
     states = xp.permute_dims(states, (1, 0))  # (B, T)
     classes = xp.take_along_axis(lattice.state_classes, states, axis=1)
-    scores = xp.take_along_axis(lattice.log_probs, classes[:, :, None], axis=2)[:, :, 0]
+    scores = log_softmax_of_classes(xp, lattice, classes)
 
     padded = lattice.logit_padded
     infeasible = ~lattice.feasible[:, None]

@@ -60,6 +60,8 @@ class _Problem:
             blank_id=self.blank_id,
             log_epsilon=self.log_epsilon,
             index_dtype=self.index_dtype,
+            gather_states=self.backend.gather_states,
+            normalise_before_gather=self.backend.NORMALISE_BEFORE_GATHER,
         )
 
     def recursion(self, lattice, **options):

@@ -83,6 +83,18 @@ def test_matches_reference(xp, case, dtype):
     check_against_reference(xp, problem, dtype=dtype, blank_id=CASES[case].get("blank_id", 0), also_ctc_loss=True)
 
 
+@pytest.mark.parametrize(("K", "N"), [(5, 3), (9, 3)], ids=["fewer_classes_than_states", "more_classes_than_states"])
+def test_log_softmax_before_or_after_the_gather(xp, K, N):
+    """NumPy and torch take the log-softmax of the (B, T, K) logits before the lattice's gather,
+    JAX of the (T, B, S) gathered logits after it; with fewer and with more classes than lattice
+    states (S = 2N + 1), both give the reference's loss, alphas and gradient."""
+    problem = random_problem(np.random.default_rng(31), 3, 7, K, N, frame_layout="anywhere", blank_id=K - 1)
+    check_against_reference(xp, problem, blank_id=K - 1)
+    arrays, held = to_backend(xp, problem)
+    _, gradient = ctc_multi.ctc_loss_and_grad(*arrays, blank_id=K - 1)
+    np.testing.assert_allclose(xp.to_numpy(gradient), ctc_reference(*held, blank_id=K - 1)[1], **TOLERANCE["gradient_float64"])
+
+
 @pytest.mark.parametrize(("dtype", "result_dtype"), [("float64", "float64"), ("float32", "float32"), ("float16", "float32"), ("bfloat16", "float32")])
 def test_types_dtypes_and_shapes(xp, dtype, result_dtype):
     """float32 / float64 keep their dtype; 16-bit logits are computed in, and return, float32."""

@@ -6,7 +6,7 @@ import functools
 
 import jax
 
-from ..lattice import per_class_sum_by_matmul
+from ..lattice import gather_states_by_take, per_class_sum_by_matmul
 
 NAME = "jax"
 INDEX_DTYPE_NAME = "int32"  # int64 needs jax_enable_x64
@@ -24,6 +24,9 @@ UNROLL_ELSEWHERE = (8, 8)
 
 # Up to this many classes, per_class_sum is a one-hot matmul (B*T*S*K) rather than a scatter-add.
 ONE_HOT_MAX_CLASSES = 128
+
+# Whether the log-softmax comes before the lattice's gather (see ctc_multi.lattice.build_lattice).
+NORMALISE_BEFORE_GATHER = False
 
 # Lattice frames per scan step (see ctc_multi.lattice.run_recursion).
 FRAMES_PER_STEP = 1
@@ -70,6 +73,9 @@ def per_class_sum(xp, values, state_classes, num_classes):
         return zeros.at[:, classes].add(sequence_values)
 
     return jax.vmap(one_sequence)(values, state_classes)
+
+
+gather_states = gather_states_by_take  # XLA's gather from the time-major view is fast
 
 
 def detach(x):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from array_api_compat import array_namespace, is_numpy_namespace
 
-from ..lattice import per_class_sum_by_matmul
+from ..lattice import gather_states_by_take, per_class_sum_by_matmul
 from ..scan import python_loop_scan
 
 NAME = "numpy"
@@ -17,6 +17,9 @@ def _stack(arrays):
 
 # Up to this many classes, per_class_sum is a one-hot matmul (B*T*S*K) rather than a bincount.
 ONE_HOT_MAX_CLASSES = 128
+
+# Whether the log-softmax comes before the lattice's gather (see ctc_multi.lattice.build_lattice).
+NORMALISE_BEFORE_GATHER = True
 
 # Lattice frames per scan step (see ctc_multi.lattice.run_recursion).
 FRAMES_PER_STEP = 8
@@ -46,6 +49,19 @@ def per_class_sum(xp, values, state_classes, num_classes):
     rows = np.arange(batch * frames).reshape(batch, frames, 1) * num_classes
     totals = np.bincount((rows + state_classes[:, None, :]).ravel(), weights=values.ravel(), minlength=rows.size * num_classes)
     return totals.reshape(batch, frames, num_classes).astype(values.dtype)
+
+
+def gather_states(xp, values, state_classes):
+    """(B, T, K), (B, S) -> (T, B, S): for NumPy one ``take`` at flat indices (3x faster than
+    take_along_axis on `char`); other namespaces take along the class axis."""
+    if not is_numpy_namespace(xp):
+        return gather_states_by_take(xp, values, state_classes)
+    import numpy as np
+
+    batch, frames, num_classes = values.shape
+    per_state = np.arange(batch)[:, None] * (frames * num_classes) + state_classes  # (B, S)
+    flat = per_state[None, :, :] + (np.arange(frames) * num_classes)[:, None, None]
+    return np.take(np.ascontiguousarray(values).reshape(-1), flat)
 
 
 def detach(x):
