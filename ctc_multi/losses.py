@@ -50,7 +50,9 @@ class _Problem:
     def index_dtype(self):
         return index_dtype(self.xp)
 
-    def lattice(self, logits, logit_padded, labels, label_padded):
+    def lattice(self, logits, logit_padded, labels, label_padded, *, differentiable=True):
+        """The lattice; ``differentiable=False`` where no autodiff runs through it (a faster
+        masking of padded frames under XLA, see :func:`~ctc_multi.lattice.build_lattice`)."""
         return build_lattice(
             self.xp,
             logits,
@@ -62,6 +64,7 @@ class _Problem:
             index_dtype=self.index_dtype,
             gather_states=self.backend.gather_states,
             normalise_before_gather=self.backend.NORMALISE_BEFORE_GATHER,
+            differentiable=differentiable,
         )
 
     def recursion(self, lattice, **options):
@@ -80,8 +83,8 @@ class _Problem:
         return loss
 
     def forward(self, *arrays):
-        """(B,) loss."""
-        lattice = self.lattice(*arrays)
+        """(B,) loss; autodiff never runs through it (``with_explicit_gradient``)."""
+        lattice = self.lattice(*arrays, differentiable=False)
         final, _ = self.recursion(lattice)
         return self._loss(lattice, final)
 
@@ -91,7 +94,7 @@ class _Problem:
         shares, and one reverse scan of multiplies and adds turns them into occupancies (see
         ``forward_and_occupancy``)."""
         xp = self.xp
-        lattice = self.lattice(*arrays)
+        lattice = self.lattice(*arrays, differentiable=False)
         final, occupancy = self.occupancy(lattice)
         gradient = logits_gradient(xp, lattice, occupancy, self.backend.per_class_sum)
         if self.zero_infinity:
