@@ -433,32 +433,24 @@ def _occupancy_step(xp) -> Callable:
     (gamma = alpha beta / P(l | x), eq. 14), and the reverse-mode derivative of the forward step.
     Shares sum to one per state, so the total occupancy stays 1 with no renormalisation.
 
-    carry: occupancy (..., S) at frame t. frame: (..., S) shares of frame t, as
-    :func:`_backward_shares` lays them out: kept by state s, handed from s + 1, from s + 2.
+    carry: occupancy (..., S) at frame t. frame: the (..., S) shares of frame t (advance, skip)
+    as the forward scan left them, and the (...,) padded flags: a padded frame moves nothing.
     """
 
     def step(occupancy, frame):
-        stays, from_next, from_after_next = frame
+        share_advance, share_skip, padded = frame
+        # What each state hands one and two states back; it keeps the rest. The products are
+        # shifted in the loop: no pass over the (T, B, S) shares outside it (JAX
+        # forward+backward on `long` 1.1-1.2x faster than shifting the shares beforehand).
+        advanced, skipped = occupancy * share_advance, occupancy * share_skip
         num_states = occupancy.shape[-1]
-        # Only the carry is shifted inside the loop; the shares were shifted outside it (XLA
-        # runs a shifted product in the loop body at half the speed of a shifted input).
         beyond = xp.zeros_like(occupancy[..., :1])
-        later = xp.concat([occupancy, beyond, beyond], axis=-1)
-        earlier = occupancy * stays + later[..., 1 : num_states + 1] * from_next + later[..., 2 : num_states + 2] * from_after_next
-        return earlier, occupancy
+        from_next = xp.concat([advanced, beyond], axis=-1)[..., 1 : num_states + 1]
+        from_after_next = xp.concat([skipped, beyond, beyond], axis=-1)[..., 2 : num_states + 2]
+        earlier = ((occupancy - advanced) - skipped) + (from_next + from_after_next)
+        return xp.where(padded[..., None], occupancy, earlier), occupancy
 
     return step
-
-
-def _backward_shares(xp, shares: tuple[Array, Array], frame_padded: Array) -> tuple[Array, Array, Array]:
-    """(T, ..., S) shares of every state (advance, skip) -> what state s keeps, and the shares
-    that states s + 1 and s + 2 hand back to it; a padded frame keeps everything."""
-    share_advance, share_skip = (xp.where(frame_padded[..., None], xp.zeros_like(share), share) for share in shares)
-    num_states = share_advance.shape[-1]
-    beyond = xp.zeros_like(share_advance[..., :1])
-    from_next = xp.concat([share_advance, beyond], axis=-1)[..., 1 : num_states + 1]
-    from_after_next = xp.concat([share_skip, beyond, beyond], axis=-1)[..., 2 : num_states + 2]
-    return (1 - share_advance) - share_skip, from_next, from_after_next
 
 
 def forward_and_occupancy(xp, scan: Scan, lattice: Lattice, *, frames_per_step: int = 1):
@@ -472,8 +464,8 @@ def forward_and_occupancy(xp, scan: Scan, lattice: Lattice, *, frames_per_step: 
     valid frame's occupancy (mask it where it matters, as :func:`logits_gradient` does).
     """
     final, (_, shares) = run_recursion(xp, scan, lattice, semiring=LogSemiringWithShares, frames_per_step=frames_per_step)
-    backward = _backward_shares(xp, shares, lattice.frame_padded)
-    _, occupancy = scan(_occupancy_step(xp), _ending_occupancy(xp, lattice, final[0]), backward, reverse=True)
+    frames = (shares[0], shares[1], lattice.frame_padded)
+    _, occupancy = scan(_occupancy_step(xp), _ending_occupancy(xp, lattice, final[0]), frames, reverse=True)
     return final, occupancy
 
 
