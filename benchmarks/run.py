@@ -370,6 +370,15 @@ def targets_text(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def default_json_path(args) -> Path:
+    """latest.json for the shapes table; memory.json and sweep_<D>.json beside it for the other modes."""
+    if args.memory:
+        return DEFAULT_JSON.with_name("memory.json")
+    if args.sweep:
+        return DEFAULT_JSON.with_name(f"sweep_{args.sweep}.json")
+    return DEFAULT_JSON
+
+
 def write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -605,7 +614,13 @@ def parse_args(argv=None):
         "parallel regions; on a busy machine spinning threads make torch's times swing by 5-10x, most of all for "
         "ctc_multi's torch backend (many small ops). default: leave OpenMP's own policy",
     )
-    parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help=f"where to write the results (default {DEFAULT_JSON.relative_to(HERE.parent)})")
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        help=f"where to write the results (default {DEFAULT_JSON.relative_to(HERE.parent)}; with --memory memory.json,"
+        " with --sweep D sweep_D.json, beside it, so no mode overwrites another's results)",
+    )
     parser.add_argument("--plot", metavar="PATH.png", help="draw time vs T (or vs the swept dimension)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--sweep", choices=tuple(SWEEPS), help="time vs one dimension for jax, numpy and optax, with the fitted slope")
@@ -667,8 +682,9 @@ def main(argv=None) -> int:
         print("\n" + targets_text(targets))
         print(f"\ntotal {time.perf_counter() - started:.0f} s; load average at the end " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
         data.update(results=[asdict(row) for row in rows], targets=targets)
-    write_json(args.json, data)
-    print(f"results written to {args.json}")
+    path = args.json or default_json_path(args)
+    write_json(path, data)
+    print(f"results written to {path}")
     if args.plot and args.sweep:
         plot_sweep(args.sweep, data["sweep"]["results"], args.plot)
     elif args.plot and not args.memory:
