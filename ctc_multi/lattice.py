@@ -45,11 +45,12 @@ class Lattice:
       logits: (B, T, K) the logits, zeros on padded frames (so uniform probabilities there),
         except when built with neither ``differentiable`` nor ``normalise_before_gather``:
         then padded frames hold what the input held (mask what is derived from them).
-      log_probs: (B, T, K) their log-softmax where the backend normalises before gathering
-        (NumPy, torch); else None, and (JAX: XLA recomputes it where needed, fused) ...
+      log_probs: (B, T, K) their log-softmax, where the backend normalises before gathering
+        (NumPy, torch); else None.
       frame_peak: (B, T) each frame's largest logit (0 where none is finite), and
-      frame_log_total: (B, T) the log of each frame's sum of exp(logits - frame_peak): the
-        log-softmax is ``(logits - frame_peak) - frame_log_total``. None with ``log_probs``.
+      frame_log_total: (B, T) the log of each frame's sum of exp(logits - frame_peak), where
+        ``log_probs`` is None (JAX): the log-softmax is ``(logits - frame_peak) -
+        frame_log_total``, recomputed (and fused by XLA) where it is needed; else None.
       logit_padded: (B, T) bool, True on padded frames.
       state_classes: (B, S) class id each lattice state emits (clipped into [0, K)).
       state_is_real: (B, S) bool, False for the states of padded labels.
@@ -515,8 +516,8 @@ def per_class_sum_by_matmul(xp, values: Array, state_classes: Array, num_classes
 def logits_gradient(xp, lattice: Lattice, occupancy: Array, per_class_sum: Callable) -> Array:
     """(B, T, K) d loss / d logits = softmax - occupancy summed per class (eq. 16 through the softmax).
 
-    ``per_class_sum(xp, values (B, T, S), state_classes (B, S), K)`` is the backend's
-    scatter-add (B*T*S additions), or :func:`per_class_sum_by_matmul`.
+    ``per_class_sum(xp, values (B, T, C), classes (B, C), K)`` is the backend's scatter-add
+    (B*T*C additions), or :func:`per_class_sum_by_matmul`; here C = N + 1 columns.
     """
     num_classes = lattice.logits.shape[2]
     per_state = xp.permute_dims(occupancy, (1, 0, 2))  # occupancy is zero on the padded labels' states

@@ -6,15 +6,16 @@ Each adapter module provides:
 * ``scan(step, init, xs, *, reverse=False)``: the :class:`ctc_multi.scan.Scan` protocol;
 * ``is_concrete(x)``: whether the values of ``x`` can be read now (False inside a JAX trace);
 * ``FRAMES_PER_STEP``: lattice frames per scan step (see :func:`ctc_multi.lattice.run_recursion`);
-* ``NORMALISE_BEFORE_GATHER``: whether few classes are normalised before the lattice's gather
-  (see :func:`ctc_multi.lattice.build_lattice`);
+* ``NORMALISE_BEFORE_GATHER``: whether the (B, T, K) logits get their log-softmax before the
+  lattice's gather, rather than the gathered (T, B, S) values after it (see
+  :func:`ctc_multi.lattice.build_lattice`);
 * ``INDEX_DTYPE_NAME``: the integer dtype its gathers want for indices;
 * ``with_explicit_gradient(forward, forward_with_residuals, backward)``: a function of
   ``(logits, *others)`` returning ``forward(logits, *others)`` whose gradient, where the
   framework has autodiff, is ``backward(residuals, cotangent)`` (residuals from
   ``forward_with_residuals``) instead of autodiff through the scan;
-* ``per_class_sum(xp, values, state_classes, num_classes)``: (B, T, S) values summed into
-  (B, T, K) per class of their lattice state (a scatter-add where the framework has one);
+* ``per_class_sum(xp, values, classes, num_classes)``: (B, T, C) values summed into (B, T, K)
+  per class (a scatter-add where the framework has one; (B, C) class of each column);
 * ``gather_states(xp, values, state_classes)``: (B, T, K) values, (B, S) class of each lattice
   state -> (T, B, S) the value of each state's class, time-major;
 * ``detach(x)``: ``x`` cut from any autodiff graph (explicit gradients need none);
