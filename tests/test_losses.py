@@ -95,6 +95,20 @@ def test_log_softmax_before_or_after_the_gather(xp, K, N):
     np.testing.assert_allclose(xp.to_numpy(gradient), ctc_reference(*held, blank_id=K - 1)[1], **TOLERANCE["gradient_float64"])
 
 
+def test_gradient_with_many_classes_and_labels_used_twice(xp):
+    """K above the backends' one-hot limit (128): the per-class sum is a scatter-add, which must
+    add up the columns of a class used by several labels (and by the blank column)."""
+    K = 150
+    problem = random_problem(np.random.default_rng(41), 3, 9, K, 4, frame_layout="anywhere", min_label_length=3)
+    labels = np.where(problem.label_paddings != 0, problem.labels, 1 + problem.labels % 2)  # labels 1 and 2 only
+    problem = problem._replace(labels=labels)
+    arrays, held = to_backend(xp, problem)
+    loss, gradient = ctc_multi.ctc_loss_and_grad(*arrays)
+    expected_loss, expected_gradient = ctc_reference(*held)
+    np.testing.assert_allclose(xp.to_numpy(loss), expected_loss, **TOLERANCE["float64"])
+    np.testing.assert_allclose(xp.to_numpy(gradient), expected_gradient, **TOLERANCE["gradient_float64"])
+
+
 @pytest.mark.parametrize(("dtype", "result_dtype"), [("float64", "float64"), ("float32", "float32"), ("float16", "float32"), ("bfloat16", "float32")])
 def test_types_dtypes_and_shapes(xp, dtype, result_dtype):
     """float32 / float64 keep their dtype; 16-bit logits are computed in, and return, float32."""
