@@ -131,7 +131,10 @@ def log_softmax(xp, logits: Array) -> Array:
     """(…, K) -> (…, K) log-softmax over the last axis, safe for rows that are all -inf."""
     peak = xp.max(logits, axis=-1, keepdims=True)
     shifted = logits - xp.where(xp.isfinite(peak), peak, xp.zeros_like(peak))
-    return shifted - xp.log(xp.sum(xp.exp(shifted), axis=-1, keepdims=True))
+    # In place where the namespace allows it (NumPy, torch: one (…, K) array fewer; autograd
+    # is fine, exp keeps its result, not its input); a JAX array is simply rebound.
+    shifted -= xp.log(xp.sum(xp.exp(shifted), axis=-1, keepdims=True))
+    return shifted
 
 
 def log_softmax_parts(xp, logits: Array) -> tuple[Array, Array]:
@@ -526,5 +529,6 @@ def logits_gradient(xp, lattice: Lattice, occupancy: Array, per_class_sum: Calla
     on_blank = xp.sum(per_state[..., 0::2], axis=-1, keepdims=True)
     columns = xp.concat([on_blank, per_state[..., 1::2]], axis=-1)
     classes = xp.concat([lattice.state_classes[:, :1], lattice.state_classes[:, 1::2]], axis=-1)
-    gradient = softmax(xp, lattice) - per_class_sum(xp, columns, classes, num_classes)
+    gradient = softmax(xp, lattice)
+    gradient -= per_class_sum(xp, columns, classes, num_classes)  # in place, as in log_softmax
     return xp.where(lattice.logit_padded[:, :, None], xp.zeros_like(gradient), gradient)
