@@ -54,16 +54,18 @@ def per_class_sum(xp, values, state_classes, num_classes):
 
 
 def gather_states(xp, values, state_classes):
-    """(B, T, K), (B, S) -> (T, B, S): for NumPy one ``take`` at flat indices (3x faster than
-    take_along_axis on `char`); other namespaces take along the class axis."""
+    """(B, T, K), (B, S) -> (T, B, S): for NumPy one ``take`` per sequence, written into the
+    time-major result (2-3x faster than one take at flat indices on `long` and `bpe`, 3x or
+    more than take_along_axis); other namespaces take along the class axis."""
     if not is_numpy_namespace(xp):
         return gather_states_by_take(xp, values, state_classes)
     import numpy as np
 
-    batch, frames, num_classes = values.shape
-    per_state = np.arange(batch)[:, None] * (frames * num_classes) + state_classes  # (B, S)
-    flat = per_state[None, :, :] + (np.arange(frames) * num_classes)[:, None, None]
-    return np.take(np.ascontiguousarray(values).reshape(-1), flat)
+    batch, frames, _ = values.shape
+    gathered = np.empty((frames, batch, state_classes.shape[1]), dtype=values.dtype)
+    for sequence in range(batch):
+        gathered[:, sequence, :] = np.take(values[sequence], state_classes[sequence], axis=1)
+    return gathered
 
 
 def detach(x):
