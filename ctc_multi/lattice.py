@@ -20,8 +20,9 @@ Numerics, shared by every backend:
   the shares of each predecessor for the gradient), so it needs no exp or log;
 * "log 0" is the finite ``log_epsilon`` (optax's convention), so no ``-inf - -inf`` can make
   NaN; emissions are clamped to at least ``log_epsilon`` for the same reason;
-* padded frames are replaced by zeros *before* the log-softmax, so NaN or inf stored there
-  cannot reach the loss, the alphas of valid frames or the gradients.
+* padded frames are replaced by zeros *before* the log-softmax (or, where no autodiff runs
+  through the lattice, what is computed from them is masked: :func:`build_lattice`), so NaN
+  or inf stored there cannot reach the loss, the alphas of valid frames or the gradients.
 """
 
 from __future__ import annotations
@@ -53,7 +54,6 @@ class Lattice:
         frame_log_total``, recomputed (and fused by XLA) where it is needed; else None.
       logit_padded: (B, T) bool, True on padded frames.
       state_classes: (B, S) class id each lattice state emits (clipped into [0, K)).
-      state_is_real: (B, S) bool, False for the states of padded labels.
       feasible: (B,) bool, whether the valid frames can hold the labels and the blanks that
         must separate repeated labels.
       log_emissions: (T, B, S) log-probability that state ``s`` emits at frame ``t``.
@@ -69,7 +69,6 @@ class Lattice:
     frame_log_total: Array | None
     logit_padded: Array
     state_classes: Array
-    state_is_real: Array
     feasible: Array
     log_emissions: Array
     frame_padded: Array
@@ -127,10 +126,15 @@ class MaxSemiring:
         return best, move
 
 
+def _finite_peak(xp, logits: Array) -> Array:
+    """(…, K) -> (…,) each row's largest value, 0 where it is not finite (rows all -inf)."""
+    peak = xp.max(logits, axis=-1)
+    return xp.where(xp.isfinite(peak), peak, xp.zeros_like(peak))
+
+
 def log_softmax(xp, logits: Array) -> Array:
     """(…, K) -> (…, K) log-softmax over the last axis, safe for rows that are all -inf."""
-    peak = xp.max(logits, axis=-1, keepdims=True)
-    shifted = logits - xp.where(xp.isfinite(peak), peak, xp.zeros_like(peak))
+    shifted = logits - _finite_peak(xp, logits)[..., None]
     # In place where the namespace allows it (NumPy, torch: one (…, K) array fewer; autograd
     # is fine, exp keeps its result, not its input); a JAX array is simply rebound.
     shifted -= xp.log(xp.sum(xp.exp(shifted), axis=-1, keepdims=True))
@@ -141,8 +145,7 @@ def log_softmax_parts(xp, logits: Array) -> tuple[Array, Array]:
     """(…, K) -> the (…,) peak and log-total of the log-softmax ``(logits - peak) - log_total``:
     what the recursion needs besides the few gathered logits, without a (…, K) array of
     log-probabilities (XLA gathers from it 3-4x slower than from the logits on `bpe`)."""
-    peak = xp.max(logits, axis=-1)
-    peak = xp.where(xp.isfinite(peak), peak, xp.zeros_like(peak))
+    peak = _finite_peak(xp, logits)
     return peak, xp.log(xp.sum(xp.exp(logits - peak[..., None]), axis=-1))
 
 
@@ -227,7 +230,7 @@ def build_lattice(
     in_range = (labels >= 0) & (labels < num_classes)
     class_ids = interleave_with_blanks(xp, xp.clip(labels, 0, num_classes - 1), blank_id, logit_padded)
     class_ids = xp.astype(class_ids, index_dtype)
-    to_time_major = (1, 0)
+    frame_padded = xp.permute_dims(logit_padded, (1, 0))  # (T, B), as the scan reads it
     if normalise_before_gather:
         log_probs, frame_peak, frame_log_total = log_softmax(xp, clean_logits), None, None
         gathered = gather_states(xp, log_probs, class_ids)  # (T, B, S)
@@ -238,9 +241,8 @@ def build_lattice(
         if mask_results_only:  # what zeroed logits would give: a uniform frame
             frame_peak = xp.where(logit_padded, xp.zeros_like(frame_peak), frame_peak)
             frame_log_total = xp.where(logit_padded, xp.full_like(frame_log_total, math.log(num_classes)), frame_log_total)
-            frame_is_padded = xp.permute_dims(logit_padded, to_time_major)[..., None]
-            gathered = xp.where(frame_is_padded, xp.zeros_like(gathered), gathered)
-        gathered = (gathered - xp.permute_dims(frame_peak, to_time_major)[..., None]) - xp.permute_dims(frame_log_total, to_time_major)[..., None]
+            gathered = xp.where(frame_padded[..., None], xp.zeros_like(gathered), gathered)
+        gathered = (gathered - xp.permute_dims(frame_peak, (1, 0))[..., None]) - xp.permute_dims(frame_log_total, (1, 0))[..., None]
 
     # Labels outside [0, K) emit like optax's all-zero one-hot row (log-prob 0) where padded;
     # unpadded ones (caught by validation whenever values are concrete) make the path impossible.
@@ -268,10 +270,9 @@ def build_lattice(
         log_probs=log_probs,
         logit_padded=logit_padded,
         state_classes=class_ids,
-        state_is_real=interleave_with_blanks(xp, ~label_padded, True, logit_padded),
         feasible=label_lengths + repeats <= valid_frames,
         log_emissions=gathered,
-        frame_padded=xp.permute_dims(logit_padded, to_time_major),
+        frame_padded=frame_padded,
         skip_allowed=interleave_with_blanks(xp, can_jump, False, logit_padded),
         label_lengths=label_lengths,
         log_epsilon=log_epsilon,

@@ -22,7 +22,7 @@ UNROLL = {"cpu": (4, 1)}
 UNROLL_ELSEWHERE = (8, 8)
 
 
-# Up to this many classes, per_class_sum is a one-hot matmul (B*T*S*K) rather than a scatter-add.
+# Up to this many classes, per_class_sum is a one-hot matmul (B*T*C*K) rather than a scatter-add.
 ONE_HOT_MAX_CLASSES = 128
 
 # Whether the log-softmax comes before the lattice's gather (see ctc_multi.lattice.build_lattice).
@@ -60,7 +60,7 @@ def with_explicit_gradient(forward, forward_with_residuals, backward):
 
 
 def per_class_sum(xp, values, state_classes, num_classes):
-    """(B, T, S), (B, S) -> (B, T, K): a scatter-add, batched so a batch-sharded input stays
+    """(B, T, C), (B, C) -> (B, T, K): a scatter-add, batched so a batch-sharded input stays
     sharded; for few classes the one-hot matmul, which XLA runs faster on a CPU (K = 32: 5 ms
     against 28 ms on `char`)."""
     if num_classes <= ONE_HOT_MAX_CLASSES:
