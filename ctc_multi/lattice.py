@@ -43,9 +43,9 @@ class Lattice:
     """The per-batch inputs of the recursion, all on the device of the logits.
 
     Attributes:
-      logits: (B, T, K) the logits, zeros on padded frames (so uniform probabilities there),
-        except when built with neither ``differentiable`` nor ``normalise_before_gather``:
-        then padded frames hold what the input held (mask what is derived from them).
+      logits: (B, T, K) the logits, read only where ``log_probs`` is None (JAX). Zeros on
+        padded frames (so uniform probabilities there) when built ``differentiable``; else
+        padded frames hold what the input held (mask what is derived from them).
       log_probs: (B, T, K) their log-softmax, where the backend normalises before gathering
         (NumPy, torch); else None.
       frame_peak: (B, T) each frame's largest logit (0 where none is finite), and
@@ -141,6 +141,12 @@ def log_softmax(xp, logits: Array) -> Array:
     return shifted
 
 
+def log_softmax_of_frames_by_where(xp, logits: Array, frame_zeroed: Array) -> Array:
+    """(B, T, K) logits, (B, T) bool -> (B, T, K) log-softmax over the classes, the flagged
+    frames taken as zero logits (uniform), so NaN or inf stored there reach nothing."""
+    return log_softmax(xp, xp.where(frame_zeroed[:, :, None], xp.zeros_like(logits), logits))
+
+
 def log_softmax_parts(xp, logits: Array) -> tuple[Array, Array]:
     """(…, K) -> the (…,) peak and log-total of the log-softmax ``(logits - peak) - log_total``:
     what the recursion needs besides the few gathered logits, without a (…, K) array of
@@ -196,6 +202,7 @@ def build_lattice(
     index_dtype,
     gather_states: Callable = gather_states_by_take,
     normalise_before_gather: bool = True,
+    log_softmax_of_frames: Callable = None,
     differentiable: bool = True,
 ) -> Lattice:
     """Gather what the recursion needs from validated inputs.
@@ -211,20 +218,25 @@ def build_lattice(
         gradient, and gather from it (NumPy, torch: every op is a pass over memory, and the
         gradient's softmax is then one exp); or gather the logits and normalise the (T, B, S)
         gathered values (JAX: XLA fuses either; gathering first ran 1.8x faster on `bpe`).
+      log_softmax_of_frames: with ``normalise_before_gather``, the backend's (B, T, K), (B, T)
+        -> (B, T, K) log-softmax that takes the flagged (padded) frames as zero logits; by
+        default :func:`log_softmax_of_frames_by_where`.
       differentiable: whether autodiff will run through what is built here (then padded
         frames are zeroed in the logits themselves, so their NaN cannot reach a gradient).
     """
     num_classes = logits.shape[2]
+    log_softmax_of_frames = log_softmax_of_frames or log_softmax_of_frames_by_where
     # Padded frames may hold NaN or inf. Zeroing them in the (B, T, K) logits keeps those out of
     # every value and out of autodiff's gradients. Where nothing differentiates through the
     # lattice and the logits are gathered before they are normalised (JAX), masking the (B, T)
     # and (T, B, S) results instead spares XLA that pass (log-softmax parts on `vocab5k`: 25 ms
-    # with it, 6 ms without).
+    # with it, 6 ms without). Where the backend normalises first, its log-softmax takes the
+    # padded frames as zeros itself.
     mask_results_only = not (differentiable or normalise_before_gather)
-    if mask_results_only:
-        clean_logits = logits
-    else:
+    if differentiable and not normalise_before_gather:
         clean_logits = xp.where(logit_padded[:, :, None], xp.zeros_like(logits), logits)
+    else:
+        clean_logits = logits
 
     # An indexed gather costs B*T*S; optax's one-hot einsum costs B*T*K*N (and TF32 on GPUs).
     in_range = (labels >= 0) & (labels < num_classes)
@@ -232,7 +244,7 @@ def build_lattice(
     class_ids = xp.astype(class_ids, index_dtype)
     frame_padded = xp.permute_dims(logit_padded, (1, 0))  # (T, B), as the scan reads it
     if normalise_before_gather:
-        log_probs, frame_peak, frame_log_total = log_softmax(xp, clean_logits), None, None
+        log_probs, frame_peak, frame_log_total = log_softmax_of_frames(xp, logits, logit_padded), None, None
         gathered = gather_states(xp, log_probs, class_ids)  # (T, B, S)
     else:
         log_probs = None
@@ -517,19 +529,39 @@ def per_class_sum_by_matmul(xp, values: Array, state_classes: Array, num_classes
     return xp.matmul(values, xp.astype(emits_class, values.dtype))
 
 
-def logits_gradient(xp, lattice: Lattice, occupancy: Array, per_class_sum: Callable) -> Array:
+def subtract_per_class_by_matmul(xp, minuend: Array, values: Array, state_classes: Array) -> Array:
+    """(B, T, K) minus the (B, T, C) values summed per class (the (B, C) class of each column),
+    by :func:`per_class_sum_by_matmul`: the fallback ``subtract_per_class`` of the adapters."""
+    # In place where the namespace allows it (one (B, T, K) array fewer); JAX rebinds.
+    minuend -= per_class_sum_by_matmul(xp, values, state_classes, minuend.shape[2])
+    return minuend
+
+
+def zero_frames_by_where(xp, values: Array, frame_zeroed: Array) -> Array:
+    """(B, T, K) values, (B, T) bool -> the values with the flagged frames set to zero."""
+    return xp.where(frame_zeroed[:, :, None], xp.zeros_like(values), values)
+
+
+def logits_gradient(
+    xp, lattice: Lattice, occupancy: Array, subtract_per_class: Callable, zero_frames: Callable, zeroed_sequences: Array | None = None
+) -> Array:
     """(B, T, K) d loss / d logits = softmax - occupancy summed per class (eq. 16 through the softmax).
 
-    ``per_class_sum(xp, values (B, T, C), classes (B, C), K)`` is the backend's scatter-add
-    (B*T*C additions), or :func:`per_class_sum_by_matmul`; here C = N + 1 columns.
+    ``subtract_per_class(xp, minuend (B, T, K), values (B, T, C), classes (B, C))`` and
+    ``zero_frames(xp, values (B, T, K), frame_zeroed (B, T))`` are the backend's (see
+    :mod:`ctc_multi.backends`); both may write into the (B, T, K) array they are handed, which
+    is made here and owned by no one else (on `bpe` NumPy's gradient took 15 ms in place against
+    43 ms with a scatter into zeros, a subtraction and a select). Here C = N + 1 columns.
+    Padded frames get zero, and so does every frame of the ``zeroed_sequences`` (B,), if given.
     """
-    num_classes = lattice.logits.shape[2]
     per_state = xp.permute_dims(occupancy, (1, 0, 2))  # occupancy is zero on the padded labels' states
     # Every even state is the blank: one (B, T) sum serves them all, so the per-class sum gets
     # N + 1 columns (that sum, then the label states) instead of 2N + 1.
     on_blank = xp.sum(per_state[..., 0::2], axis=-1, keepdims=True)
     columns = xp.concat([on_blank, per_state[..., 1::2]], axis=-1)
     classes = xp.concat([lattice.state_classes[:, :1], lattice.state_classes[:, 1::2]], axis=-1)
-    gradient = softmax(xp, lattice)
-    gradient -= per_class_sum(xp, columns, classes, num_classes)  # in place, as in log_softmax
-    return xp.where(lattice.logit_padded[:, :, None], xp.zeros_like(gradient), gradient)
+    gradient = subtract_per_class(xp, softmax(xp, lattice), columns, classes)
+    frame_zeroed = lattice.logit_padded
+    if zeroed_sequences is not None:
+        frame_zeroed = frame_zeroed | zeroed_sequences[:, None]
+    return zero_frames(xp, gradient, frame_zeroed)

@@ -64,6 +64,7 @@ class _Problem:
             index_dtype=self.index_dtype,
             gather_states=self.backend.gather_states,
             normalise_before_gather=self.backend.NORMALISE_BEFORE_GATHER,
+            log_softmax_of_frames=self.backend.log_softmax_of_frames,
             differentiable=differentiable,
         )
 
@@ -96,9 +97,9 @@ class _Problem:
         xp = self.xp
         lattice = self.lattice(*arrays, differentiable=False)
         final, occupancy = self.occupancy(lattice)
-        gradient = logits_gradient(xp, lattice, occupancy, self.backend.per_class_sum)
-        if self.zero_infinity:
-            gradient = xp.where(lattice.feasible[:, None, None], gradient, xp.zeros_like(gradient))
+        backend = self.backend
+        infeasible = ~lattice.feasible if self.zero_infinity else None
+        gradient = logits_gradient(xp, lattice, occupancy, backend.subtract_per_class, backend.zero_frames, infeasible)
         return self._loss(lattice, final), (gradient,)
 
     def backward(self, residuals, loss_cotangent):

@@ -14,8 +14,12 @@ Each adapter module provides:
   ``(logits, *others)`` returning ``forward(logits, *others)`` whose gradient, where the
   framework has autodiff, is ``backward(residuals, cotangent)`` (residuals from
   ``forward_with_residuals``) instead of autodiff through the scan;
-* ``per_class_sum(xp, values, classes, num_classes)``: (B, T, C) values summed into (B, T, K)
-  per class (a scatter-add where the framework has one; (B, C) class of each column);
+* ``subtract_per_class(xp, minuend, values, classes)``: the (B, T, K) ``minuend`` minus the
+  (B, T, C) values summed per class (a scatter-add where the framework has one; (B, C) class
+  of each column), and ``zero_frames(xp, values, frame_zeroed)``: (B, T, K) values with the
+  (B, T) flagged frames set to zero. Both may write into the (B, T, K) array they are handed;
+* ``log_softmax_of_frames(xp, logits, frame_zeroed)``: (B, T, K) log-softmax over the
+  classes, the (B, T) flagged frames taken as zero logits (where ``NORMALISE_BEFORE_GATHER``);
 * ``gather_states(xp, values, state_classes)``: (B, T, K) values, (B, S) class of each lattice
   state -> (T, B, S) the value of each state's class, time-major;
 * ``detach(x)``: ``x`` cut from any autodiff graph (explicit gradients need none);

@@ -6,7 +6,7 @@ import functools
 
 import jax
 
-from ..lattice import gather_states_by_take, per_class_sum_by_matmul
+from ..lattice import gather_states_by_take, log_softmax_of_frames_by_where, per_class_sum_by_matmul, zero_frames_by_where
 
 NAME = "jax"
 INDEX_DTYPE_NAME = "int32"  # int64 needs jax_enable_x64
@@ -74,6 +74,15 @@ def per_class_sum(xp, values, state_classes, num_classes):
 
     return jax.vmap(one_sequence)(values, state_classes)
 
+
+def subtract_per_class(xp, minuend, values, state_classes):
+    """(B, T, K) minus the (B, T, C) values summed per class ((B, C) class of each column)."""
+    return minuend - per_class_sum(xp, values, state_classes, minuend.shape[2])
+
+
+zero_frames = zero_frames_by_where  # XLA fuses the select into what computes the values
+
+log_softmax_of_frames = log_softmax_of_frames_by_where  # unused: JAX gathers, then normalises
 
 gather_states = gather_states_by_take  # XLA's gather from the time-major view is fast
 
