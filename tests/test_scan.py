@@ -1,4 +1,4 @@
-"""The Python-loop scan and the NumPy adapter's cache-blocked log-softmax, against plain loops.
+"""The adapters' protocol, the Python-loop scan and the NumPy adapter's cache-blocked log-softmax.
 
 Backend-specific by design: these are the pieces the NumPy and torch adapters build their
 scans and lattices from (the ``xp`` fixture tests the losses built on them).
@@ -6,12 +6,34 @@ scans and lattices from (the ``xp`` fixture tests the losses built on them).
 
 from __future__ import annotations
 
+import importlib
+import re
+
 import numpy as np
 import pytest
+from conftest import installed
 
+import ctc_multi.backends
+from ctc_multi.backends import ADAPTER_NAMES
 from ctc_multi.backends import numpy as numpy_backend
 from ctc_multi.lattice import log_softmax
 from ctc_multi.scan import python_loop_scan
+
+
+def test_the_adapter_protocol_lists_what_its_docstring_lists():
+    documented = re.findall(r"^\* ``(\w+)", ctc_multi.backends.__doc__, flags=re.MULTILINE)
+    also = re.findall(r"and ``(\w+)\(", ctc_multi.backends.__doc__)
+    assert sorted(documented + also) == sorted(ADAPTER_NAMES)
+
+
+@pytest.mark.parametrize("framework", ["numpy", "jax", "torch"])
+def test_every_adapter_defines_the_whole_protocol(framework):
+    if not installed(framework):
+        pytest.skip(f"{framework} is not installed")
+    adapter = importlib.import_module(f"ctc_multi.backends.{framework}")
+    missing = [name for name in ADAPTER_NAMES if not hasattr(adapter, name)]
+    assert not missing, f"ctc_multi.backends.{framework} lacks {missing}"
+    assert adapter.NAME == framework
 
 
 def _running_sums(carry, x):

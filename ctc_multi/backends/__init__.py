@@ -34,6 +34,24 @@ from types import ModuleType
 from array_api_compat import is_jax_namespace, is_torch_namespace
 
 
+# The names above, which every adapter module defines (tests/test_scan.py checks each one).
+ADAPTER_NAMES = (
+    "NAME",
+    "scan",
+    "is_concrete",
+    "FRAMES_PER_STEP",
+    "NORMALISE_BEFORE_GATHER",
+    "INDEX_DTYPE_NAME",
+    "with_explicit_gradient",
+    "subtract_per_class",
+    "zero_frames",
+    "log_softmax_of_frames",
+    "gather_states",
+    "detach",
+    "compiled",
+)
+
+
 def backend_for(xp) -> ModuleType:
     """The adapter module serving array namespace ``xp`` (NumPy's serves every other namespace)."""
     if is_jax_namespace(xp):
