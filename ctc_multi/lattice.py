@@ -538,7 +538,7 @@ def subtract_per_class_by_matmul(xp, minuend: Array, values: Array, state_classe
 
 
 def zero_frames_by_where(xp, values: Array, frame_zeroed: Array) -> Array:
-    """(B, T, K) values, (B, T) bool -> the values with the flagged frames set to zero."""
+    """(B, T, X) values, (B, T) bool -> the values with the flagged frames set to zero."""
     return xp.where(frame_zeroed[:, :, None], xp.zeros_like(values), values)
 
 
@@ -548,10 +548,10 @@ def logits_gradient(
     """(B, T, K) d loss / d logits = softmax - occupancy summed per class (eq. 16 through the softmax).
 
     ``subtract_per_class(xp, minuend (B, T, K), values (B, T, C), classes (B, C))`` and
-    ``zero_frames(xp, values (B, T, K), frame_zeroed (B, T))`` are the backend's (see
-    :mod:`ctc_multi.backends`); both may write into the (B, T, K) array they are handed, which
-    is made here and owned by no one else (on `bpe` NumPy's gradient took 15 ms in place against
-    43 ms with a scatter into zeros, a subtraction and a select). Here C = N + 1 columns.
+    ``zero_frames(xp, values (B, T, X), frame_zeroed (B, T))`` are the backend's (see
+    :mod:`ctc_multi.backends`); both may write into the arrays they are handed, which are made
+    here and owned by no one else (on `bpe` NumPy's gradient took 15 ms in place against 43 ms
+    with a scatter into zeros, a subtraction and a select). Here C = N + 1 columns.
     Padded frames get zero, and so does every frame of the ``zeroed_sequences`` (B,), if given.
     """
     per_state = xp.permute_dims(occupancy, (1, 0, 2))  # occupancy is zero on the padded labels' states
@@ -560,8 +560,12 @@ def logits_gradient(
     on_blank = xp.sum(per_state[..., 0::2], axis=-1, keepdims=True)
     columns = xp.concat([on_blank, per_state[..., 1::2]], axis=-1)
     classes = xp.concat([lattice.state_classes[:, :1], lattice.state_classes[:, 1::2]], axis=-1)
-    gradient = subtract_per_class(xp, softmax(xp, lattice), columns, classes)
     frame_zeroed = lattice.logit_padded
     if zeroed_sequences is not None:
         frame_zeroed = frame_zeroed | zeroed_sequences[:, None]
-    return zero_frames(xp, gradient, frame_zeroed)
+    # Zeroed before the per-class sum, not after it: XLA then makes the softmax and scatters
+    # into it in place, two passes over (B, T, K) instead of four (JAX forward+backward on
+    # `bpe` and `vocab5k` 1.1x faster). A padded frame's occupancy repeats the next valid one's.
+    columns = zero_frames(xp, columns, frame_zeroed)
+    probabilities = zero_frames(xp, softmax(xp, lattice), frame_zeroed)
+    return subtract_per_class(xp, probabilities, columns, classes)

@@ -16,8 +16,8 @@ Each adapter module provides:
   ``forward_with_residuals``) instead of autodiff through the scan;
 * ``subtract_per_class(xp, minuend, values, classes)``: the (B, T, K) ``minuend`` minus the
   (B, T, C) values summed per class (a scatter-add where the framework has one; (B, C) class
-  of each column), and ``zero_frames(xp, values, frame_zeroed)``: (B, T, K) values with the
-  (B, T) flagged frames set to zero. Both may write into the (B, T, K) array they are handed;
+  of each column), and ``zero_frames(xp, values, frame_zeroed)``: (B, T, X) values with the
+  (B, T) flagged frames set to zero. Both may write into the arrays they are handed;
 * ``log_softmax_of_frames(xp, logits, frame_zeroed)``: (B, T, K) log-softmax over the
   classes, the (B, T) flagged frames taken as zero logits (where ``NORMALISE_BEFORE_GATHER``);
 * ``gather_states(xp, values, state_classes)``: (B, T, K) values, (B, S) class of each lattice

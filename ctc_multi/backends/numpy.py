@@ -65,7 +65,7 @@ def subtract_per_class(xp, minuend, values, state_classes):
 
 
 def zero_frames(xp, values, frame_zeroed):
-    """(B, T, K) values with the (B, T) flagged frames set to zero: for NumPy in place, writing
+    """(B, T, X) values with the (B, T) flagged frames set to zero: for NumPy in place, writing
     only those frames (a select reads and writes all of them)."""
     if not is_numpy_namespace(xp):
         return zero_frames_by_where(xp, values, frame_zeroed)

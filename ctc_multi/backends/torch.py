@@ -61,7 +61,7 @@ def subtract_per_class(xp, minuend, values, state_classes):
 
 
 def zero_frames(xp, values, frame_zeroed):
-    """(B, T, K) values with the (B, T) flagged frames set to zero, in place."""
+    """(B, T, X) values with the (B, T) flagged frames set to zero, in place."""
     return values.masked_fill_(frame_zeroed[:, :, None], 0)
 
 
