@@ -43,9 +43,10 @@ class Lattice:
     """The per-batch inputs of the recursion, all on the device of the logits.
 
     Attributes:
-      logits: (B, T, K) the logits, read only where ``log_probs`` is None (JAX). Zeros on
-        padded frames (so uniform probabilities there) when built ``differentiable``; else
-        padded frames hold what the input held (mask what is derived from them).
+      logits: (B, T, K) the logits, read only where ``log_probs`` is None (JAX); there, zeros
+        on padded frames (so uniform probabilities there) when built ``differentiable``, else
+        what the input held (mask what is derived from them). Where ``log_probs`` is set, the
+        logits as given.
       log_probs: (B, T, K) their log-softmax, where the backend normalises before gathering
         (NumPy, torch); else None.
       frame_peak: (B, T) each frame's largest logit (0 where none is finite), and
@@ -202,7 +203,7 @@ def build_lattice(
     index_dtype,
     gather_states: Callable = gather_states_by_take,
     normalise_before_gather: bool = True,
-    log_softmax_of_frames: Callable = None,
+    log_softmax_of_frames: Callable = log_softmax_of_frames_by_where,
     differentiable: bool = True,
 ) -> Lattice:
     """Gather what the recursion needs from validated inputs.
@@ -225,7 +226,6 @@ def build_lattice(
         frames are zeroed in the logits themselves, so their NaN cannot reach a gradient).
     """
     num_classes = logits.shape[2]
-    log_softmax_of_frames = log_softmax_of_frames or log_softmax_of_frames_by_where
     # Padded frames may hold NaN or inf. Zeroing them in the (B, T, K) logits keeps those out of
     # every value and out of autodiff's gradients. Where nothing differentiates through the
     # lattice and the logits are gathered before they are normalised (JAX), masking the (B, T)

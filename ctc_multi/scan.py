@@ -54,10 +54,10 @@ def python_loop_scan(
 ) -> tuple[Tree, Tree]:
     """A scan as a plain Python loop; ``stack(list_of_arrays)`` joins the outputs on a new axis 0.
 
-    ``output_buffer(y, length)``, if given, returns an array of shape ``(length,) + y.shape``
-    (y's dtype and device) for the outputs to be written into, or None to stack them instead:
-    one allocation for all steps, rather than one per step and a copy at the end. Each new page
-    of memory costs a fault (about 3 us on the VM that measured it), so keeping the (T, B, S)
+    ``output_buffer(y, length)``, if given, is used instead: it returns an array of shape
+    ``(length,) + y.shape`` (y's dtype and device) that each step's output is written into, one
+    allocation for all steps rather than one per step and a copy at the end. Each new page of
+    memory costs a fault (about 3 us on the VM that measured it), so keeping the (T, B, S)
     outputs of the loop step by step costs about as much as the arithmetic.
     """
     leaves = tree_leaves(xs)
@@ -65,26 +65,21 @@ def python_loop_scan(
         raise ValueError("python_loop_scan needs at least one array in xs to know its length")
     length = leaves[0].shape[0]
     order = range(length - 1, -1, -1) if reverse else range(length)
-    carry, first_y, collected = init, None, []
+    carry, outputs, first_y, buffers = init, [], None, None
     for index in order:
         carry, y = step(carry, tree_map(lambda x: x[index, ...], xs))
-        outputs = tree_leaves(y)
-        if first_y is None:
-            first_y = y
-            buffers = [output_buffer(output, length) if output_buffer else None for output in outputs]
-            collected = [[] for _ in outputs]
-        for output, buffer, kept in zip(outputs, buffers, collected):
-            if buffer is None:
-                kept.append(output)
-            else:
-                buffer[index, ...] = output
-    if first_y is None:
+        if output_buffer is None:
+            outputs.append(y)
+            continue
+        if buffers is None:  # the first step: its outputs give the buffers' shapes
+            first_y, buffers = y, [output_buffer(output, length) for output in tree_leaves(y)]
+        for buffer, output in zip(buffers, tree_leaves(y)):
+            buffer[index, ...] = output
+    if buffers is not None:
+        filled = iter(buffers)
+        return carry, tree_map(lambda _: next(filled), first_y)
+    if reverse:
+        outputs.reverse()
+    if not outputs or outputs[0] is None:
         return carry, None
-    stacked = []
-    for buffer, kept in zip(buffers, collected):
-        if buffer is None:
-            stacked.append(stack(kept[::-1] if reverse else kept))
-        else:
-            stacked.append(buffer)
-    remaining = iter(stacked)
-    return carry, tree_map(lambda _: next(remaining), first_y)
+    return carry, tree_map(lambda *ys: stack(list(ys)), *outputs)

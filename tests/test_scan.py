@@ -66,20 +66,6 @@ def test_python_loop_scan_gives_the_outputs_of_a_plain_loop(reverse, with_buffer
     np.testing.assert_array_equal(doubled, 2 * xs)
 
 
-def test_python_loop_scan_stacks_where_the_buffer_declines():
-    """An ``output_buffer`` that returns None (torch, while autograd records) falls back to stack."""
-    xs = np.arange(12.0).reshape(4, 3)
-    stacked = []
-
-    def stack(arrays):
-        stacked.append(len(arrays))
-        return np.stack(arrays)
-
-    _, (_, (sums, _)) = python_loop_scan(_running_sums, np.zeros(3), xs, reverse=True, stack=stack, output_buffer=lambda y, n: None)
-    np.testing.assert_array_equal(sums, _expected(xs, True)[1])
-    assert stacked == [4, 4]
-
-
 @pytest.mark.parametrize("num_classes", [3, 1000])
 def test_numpy_log_softmax_in_blocks_matches_the_whole_array_and_ignores_padded_frames(num_classes, monkeypatch):
     """Blocks of frames (7 here, the last one short) give what one pass over the whole array
