@@ -31,7 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -110,8 +110,30 @@ def _from_compare(contender: compare.Contender, name: str, key: str) -> Contende
     return Contender(name, key, contender.anchor, contender.requires, contender.prepare)
 
 
+def _prepare_torch_ops(case: compare.Case, device: str) -> compare.Prepared:
+    """ctc_multi's torch backend with torch's own ops in its loop, which on a CPU otherwise
+    hands the loss and its gradient to NumPy's loop (``LOOP_IN_NUMPY_ON_CPU``)."""
+    from ctc_multi.backends import torch as torch_backend
+
+    prepared = compare.BACKENDS["torch"].prepare(case, device)
+
+    def with_torch_ops(function):
+        def run():
+            saved, torch_backend.LOOP_IN_NUMPY_ON_CPU = torch_backend.LOOP_IN_NUMPY_ON_CPU, False
+            try:
+                return function()
+            finally:
+                torch_backend.LOOP_IN_NUMPY_ON_CPU = saved
+
+        return run
+
+    return replace(prepared, forward=with_torch_ops(prepared.forward), forward_backward=with_torch_ops(prepared.forward_backward))
+
+
 _COMPARE_ANCHORS = {anchor.name: anchor for anchor in compare.ANCHORS}
-OURS = tuple(_from_compare(compare.BACKENDS[key], f"ctc_multi {key}", key) for key in ("numpy", "jax", "torch"))
+OURS = tuple(_from_compare(compare.BACKENDS[key], f"ctc_multi {key}", key) for key in ("numpy", "jax", "torch")) + (
+    Contender("ctc_multi torch ops", "torch_ops", False, ("torch",), _prepare_torch_ops),
+)
 ANCHORS = (
     _from_compare(_COMPARE_ANCHORS["optax.ctc_loss"], "optax.ctc_loss", "optax"),
     _from_compare(_COMPARE_ANCHORS["torch F.ctc_loss"], "torch F.ctc_loss", "torch"),
@@ -604,7 +626,7 @@ def parse_args(argv=None):
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="jax and torch run there; numpy always on the CPU")
     parser.add_argument("--repeats", type=int, default=7, help=f"timed calls after a warm-up; the median is reported (at least {MIN_REPEATS})")
     parser.add_argument("--budget", type=float, default=60.0, help=f"seconds of timed rounds per shape after which they stop at {MIN_REPEATS}")
-    parser.add_argument("--backends", type=_names, help="ctc_multi backends (default numpy,jax,torch; numpy is skipped on --device cuda unless named)")
+    parser.add_argument("--backends", type=_names, help="ctc_multi backends (default numpy,jax,torch,torch_ops: torch_ops is the torch backend with torch's own ops in its loop, which on a CPU otherwise runs NumPy's; on --device cuda the default is jax,torch)")
     parser.add_argument("--torch-threads", type=int, help="torch.set_num_threads (default: torch's own choice)")
     parser.add_argument(
         "--omp-wait-policy",
@@ -629,7 +651,7 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     args.repeats = max(args.repeats, MIN_REPEATS)
     if args.backends is None:  # numpy is CPU-only: on a GPU machine it would only time the host
-        args.backends = ["jax", "torch"] if args.device == "cuda" else ["numpy", "jax", "torch"]
+        args.backends = ["jax", "torch"] if args.device == "cuda" else ["numpy", "jax", "torch", "torch_ops"]
     unknown = set(args.backends) - {c.key for c in OURS}
     if unknown:
         parser.error(f"unknown backend(s) {', '.join(sorted(unknown))}; choose from {', '.join(c.key for c in OURS)}")

@@ -6,9 +6,9 @@ in :mod:`ctc_multi.backends`. Nothing here depends on which framework the arrays
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import ModuleType
-from typing import Any
+from typing import Any, Callable
 
 from .backends import index_dtype
 from .inputs import CTCInputs, check_inputs
@@ -20,6 +20,7 @@ from .lattice import (
     loss_from_final_state,
     run_recursion,
 )
+from .scan import tree_map
 
 Array = Any
 
@@ -49,6 +50,14 @@ class _Problem:
     @property
     def index_dtype(self):
         return index_dtype(self.xp)
+
+    def on_numpy(self) -> "_Problem":
+        """The same problem, run by NumPy's adapter (see :func:`_where_the_loop_runs_fastest`)."""
+        import array_api_compat.numpy
+
+        from .backends import numpy as numpy_backend
+
+        return replace(self, xp=array_api_compat.numpy, backend=numpy_backend)
 
     def lattice(self, logits, logit_padded, labels, label_padded, *, differentiable=True):
         """The lattice; ``differentiable=False`` where no autodiff runs through it (a faster
@@ -112,13 +121,32 @@ def _arrays(inputs: CTCInputs):
     return inputs.logits, inputs.logit_padded, inputs.labels, inputs.label_padded
 
 
+def _where_the_loop_runs_fastest(problem: _Problem, method: Callable) -> Callable:
+    """``method(problem, *arrays)``, or, where the backend hands its loop to NumPy (torch on a
+    CPU: ``numpy_views``), the same method of the NumPy problem on views of the arrays, its
+    results handed back as the backend's arrays. Only for what no autodiff runs through."""
+
+    def run(*arrays):
+        views = problem.backend.numpy_views(arrays)
+        if views is None:
+            return method(problem, *arrays)
+        return tree_map(problem.backend.from_numpy, method(problem.on_numpy(), *views))
+
+    return run
+
+
 def _loss(problem: _Problem, reduction: str, *arrays):
-    differentiable = problem.backend.with_explicit_gradient(problem.forward, problem.forward_with_residuals, problem.backward)
+    differentiable = problem.backend.with_explicit_gradient(
+        _where_the_loop_runs_fastest(problem, _Problem.forward),
+        _where_the_loop_runs_fastest(problem, _Problem.forward_with_residuals),
+        problem.backward,
+    )
     return _reduce(problem.xp, differentiable(*arrays), arrays[3], reduction)
 
 
 def _loss_and_grad(problem: _Problem, logits, *others):
-    loss, (gradient,) = problem.forward_with_residuals(problem.backend.detach(logits), *others)
+    forward_with_residuals = _where_the_loop_runs_fastest(problem, _Problem.forward_with_residuals)
+    loss, (gradient,) = forward_with_residuals(problem.backend.detach(logits), *others)
     return loss, gradient
 
 

@@ -96,15 +96,23 @@ BACKENDS = {
     "numpy": ("numpy", _numpy_backend),
     "jax": ("jax", _jax_backend),
     "torch": ("torch", _torch_backend),
+    # torch with its own ops in every loop: on a CPU the loss and its explicit gradient
+    # otherwise run NumPy's loop on views of the tensors (ctc_multi.backends.torch), and on
+    # CUDA these ops are what runs.
+    "torch_ops": ("torch", _torch_backend),
     "array_api_strict": ("array_api_strict", _strict_backend),
 }
 
 
 @pytest.fixture(params=list(BACKENDS))
-def xp(request) -> Backend:
+def xp(request, monkeypatch) -> Backend:
     module, make = BACKENDS[request.param]
     if not installed(module):
         pytest.skip(f"{module} is not installed in this environment")
+    if request.param == "torch_ops":
+        import ctc_multi.backends.torch
+
+        monkeypatch.setattr(ctc_multi.backends.torch, "LOOP_IN_NUMPY_ON_CPU", False)
     return make()
 
 

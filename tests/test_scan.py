@@ -82,3 +82,48 @@ def test_numpy_log_softmax_in_blocks_matches_the_whole_array_and_ignores_padded_
     expected = log_softmax(np, np.where(padded[:, :, None], 0.0, logits))
     np.testing.assert_array_equal(result, expected)
     np.testing.assert_allclose(result[padded], -np.log(num_classes), rtol=1e-12)
+
+
+@pytest.fixture
+def torch_backend():
+    if not installed("torch"):
+        pytest.skip("torch is not installed")
+    return importlib.import_module("ctc_multi.backends.torch")
+
+
+def test_torch_on_a_cpu_hands_numpy_views_of_the_same_memory(torch_backend):
+    import torch
+
+    tensors = (torch.randn(2, 5, 3, requires_grad=True), torch.zeros(2, 5, dtype=torch.bool))
+    views = torch_backend.numpy_views(tensors)
+    assert all(isinstance(view, np.ndarray) for view in views)
+    assert all(np.shares_memory(view, tensor.detach().numpy()) for view, tensor in zip(views, tensors))
+    assert torch_backend.numpy_views((torch.zeros(2, 5, device="meta"),)) is None  # not a CPU tensor
+
+
+@pytest.mark.parametrize("loop_in_numpy", [True, False])
+def test_torch_loss_and_gradient_run_numpys_loop_only_where_the_adapter_says(torch_backend, loop_in_numpy, monkeypatch):
+    """With the flag (the default), torch's ctc_loss and ctc_loss_and_grad run NumPy's scan and
+    give torch tensors, leaving the logits untouched; without it, no NumPy scan runs at all."""
+    import torch
+
+    import ctc_multi
+
+    monkeypatch.setattr(torch_backend, "LOOP_IN_NUMPY_ON_CPU", loop_in_numpy)
+    numpy_scans = []
+    monkeypatch.setattr(numpy_backend, "scan", lambda *args, **kwargs: numpy_scans.append(1) or python_loop_scan(*args, **kwargs, stack=np.stack))
+    logits = torch.randn(2, 6, 4, dtype=torch.float64, requires_grad=True)
+    original = logits.detach().clone()
+    inputs = (torch.zeros(2, 6), torch.tensor([[1, 2], [3, 0]]), torch.tensor([[0, 0], [0, 1]]))
+
+    loss = ctc_multi.ctc_loss(logits, *inputs)
+    loss.sum().backward()
+    same_loss, gradient = ctc_multi.ctc_loss_and_grad(logits, *inputs)
+
+    assert bool(numpy_scans) == loop_in_numpy
+    for result in (loss, logits.grad, same_loss, gradient):
+        assert isinstance(result, torch.Tensor) and result.dtype == torch.float64
+    assert loss.requires_grad and not gradient.requires_grad
+    torch.testing.assert_close(same_loss, loss.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(gradient, logits.grad, rtol=0, atol=0)
+    torch.testing.assert_close(logits.detach(), original, rtol=0, atol=0)
