@@ -78,8 +78,12 @@ def forced_align(logits: Array, logit_paddings: Array, labels: Array, label_padd
 
 
 def _forced_align(problem: _Problem, logits, *others):
+    return problem.where_the_loop_runs_fastest(_forced_align_here, problem.backend.detach(logits), *others)
+
+
+def _forced_align_here(problem: _Problem, *arrays):
     xp, scan = problem.xp, problem.backend.scan
-    lattice = problem.lattice(problem.backend.detach(logits), *others)
+    lattice = problem.lattice(*arrays)
     final, (_, choices) = problem.recursion(lattice, semiring=MaxSemiring)
 
     log_state = final[0]  # (B, S); renormalised, which leaves the comparison below unchanged
@@ -213,6 +217,10 @@ def ctc_posteriors(
 
 
 def _posteriors(problem: _Problem, *arrays):
+    return problem.where_the_loop_runs_fastest(_posteriors_here, *arrays)
+
+
+def _posteriors_here(problem: _Problem, *arrays):
     xp = problem.xp
     lattice = problem.lattice(*arrays)
     _, occupancy = problem.occupancy(lattice)  # (T, B, S)

@@ -7,6 +7,7 @@ in :mod:`ctc_multi.backends`. Nothing here depends on which framework the arrays
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import partial
 from types import ModuleType
 from typing import Any, Callable
 
@@ -52,12 +53,21 @@ class _Problem:
         return index_dtype(self.xp)
 
     def on_numpy(self) -> "_Problem":
-        """The same problem, run by NumPy's adapter (see :func:`_where_the_loop_runs_fastest`)."""
+        """The same problem, run by NumPy's adapter (see :meth:`where_the_loop_runs_fastest`)."""
         import array_api_compat.numpy
 
         from .backends import numpy as numpy_backend
 
         return replace(self, xp=array_api_compat.numpy, backend=numpy_backend)
+
+    def where_the_loop_runs_fastest(self, function: Callable, *arrays):
+        """``function(self, *arrays)``; or, where the backend hands its loop to NumPy (torch on a
+        CPU where autograd records nothing: its ``numpy_views``), ``function`` of the NumPy
+        problem on views of the arrays, its results handed back as the backend's arrays."""
+        views = self.backend.numpy_views(arrays)
+        if views is None:
+            return function(self, *arrays)
+        return tree_map(self.backend.from_numpy, function(self.on_numpy(), *views))
 
     def lattice(self, logits, logit_padded, labels, label_padded, *, differentiable=True):
         """The lattice; ``differentiable=False`` where no autodiff runs through it (a faster
@@ -121,36 +131,26 @@ def _arrays(inputs: CTCInputs):
     return inputs.logits, inputs.logit_padded, inputs.labels, inputs.label_padded
 
 
-def _where_the_loop_runs_fastest(problem: _Problem, method: Callable) -> Callable:
-    """``method(problem, *arrays)``, or, where the backend hands its loop to NumPy (torch on a
-    CPU: ``numpy_views``), the same method of the NumPy problem on views of the arrays, its
-    results handed back as the backend's arrays. Only for what no autodiff runs through."""
-
-    def run(*arrays):
-        views = problem.backend.numpy_views(arrays)
-        if views is None:
-            return method(problem, *arrays)
-        return tree_map(problem.backend.from_numpy, method(problem.on_numpy(), *views))
-
-    return run
-
-
 def _loss(problem: _Problem, reduction: str, *arrays):
     differentiable = problem.backend.with_explicit_gradient(
-        _where_the_loop_runs_fastest(problem, _Problem.forward),
-        _where_the_loop_runs_fastest(problem, _Problem.forward_with_residuals),
+        partial(problem.where_the_loop_runs_fastest, _Problem.forward),
+        partial(problem.where_the_loop_runs_fastest, _Problem.forward_with_residuals),
         problem.backward,
     )
     return _reduce(problem.xp, differentiable(*arrays), arrays[3], reduction)
 
 
 def _loss_and_grad(problem: _Problem, logits, *others):
-    forward_with_residuals = _where_the_loop_runs_fastest(problem, _Problem.forward_with_residuals)
-    loss, (gradient,) = forward_with_residuals(problem.backend.detach(logits), *others)
+    arrays = (problem.backend.detach(logits),) + others
+    loss, (gradient,) = problem.where_the_loop_runs_fastest(_Problem.forward_with_residuals, *arrays)
     return loss, gradient
 
 
 def _loss_with_forward_probs(problem: _Problem, *arrays):
+    return problem.where_the_loop_runs_fastest(_loss_and_forward_probs_here, *arrays)
+
+
+def _loss_and_forward_probs_here(problem: _Problem, *arrays):
     lattice = problem.lattice(*arrays)
     final, (history, _) = problem.recursion(lattice, keep_history=True)
     return (problem._loss(lattice, final),) + forward_probs_from_history(problem.xp, history)

@@ -95,7 +95,9 @@ def test_torch_on_a_cpu_hands_numpy_views_of_the_same_memory(torch_backend):
     import torch
 
     tensors = (torch.randn(2, 5, 3, requires_grad=True), torch.zeros(2, 5, dtype=torch.bool))
-    views = torch_backend.numpy_views(tensors)
+    assert torch_backend.numpy_views(tensors) is None  # autograd would record what runs on them
+    with torch.no_grad():
+        views = torch_backend.numpy_views(tensors)
     assert all(isinstance(view, np.ndarray) for view in views)
     assert all(np.shares_memory(view, tensor.detach().numpy()) for view, tensor in zip(views, tensors))
     assert torch_backend.numpy_views((torch.zeros(2, 5, device="meta"),)) is None  # not a CPU tensor
@@ -127,3 +129,35 @@ def test_torch_loss_and_gradient_run_numpys_loop_only_where_the_adapter_says(tor
     torch.testing.assert_close(same_loss, loss.detach(), rtol=0, atol=0)
     torch.testing.assert_close(gradient, logits.grad, rtol=0, atol=0)
     torch.testing.assert_close(logits.detach(), original, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_torch_forward_probs_alignment_and_posteriors_run_numpys_loop_only_where_autograd_records_nothing(
+    torch_backend, requires_grad, monkeypatch
+):
+    """Without grad these hand their loop to NumPy on a CPU; a tensor that requires grad keeps
+    torch's own loop, which autograd records (forced_align never differentiates, so it always
+    hands over), and the numbers are the same either way."""
+    import torch
+
+    import ctc_multi
+
+    numpy_scans = []
+    monkeypatch.setattr(numpy_backend, "scan", lambda *args, **kwargs: numpy_scans.append(1) or python_loop_scan(*args, **kwargs, stack=np.stack))
+    logits = torch.randn(2, 6, 4, dtype=torch.float64, requires_grad=requires_grad)
+    inputs = (torch.zeros(2, 6), torch.tensor([[1, 2], [3, 0]]), torch.tensor([[0, 0], [0, 1]]))
+
+    loss, blank, nonblank = ctc_multi.ctc_loss_with_forward_probs(logits, *inputs)
+    posteriors = ctc_multi.ctc_posteriors(logits, *inputs)
+    assert bool(numpy_scans) != requires_grad
+    assert all(result.requires_grad == requires_grad for result in (loss, blank, nonblank, posteriors))
+    if requires_grad:
+        loss.sum().backward()  # autograd ran through torch's loop
+        assert logits.grad is not None
+    numpy_scans.clear()
+    tokens, scores = ctc_multi.forced_align(logits, *inputs)
+    assert numpy_scans and isinstance(tokens, torch.Tensor) and tokens.dtype == torch.int32
+
+    expected = ctc_multi.ctc_loss_with_forward_probs(*(np.asarray(x.detach()) for x in (logits,) + inputs))
+    for result, wanted in zip((loss, blank, nonblank), expected):
+        np.testing.assert_allclose(result.detach().numpy(), wanted, rtol=1e-12, atol=1e-12)

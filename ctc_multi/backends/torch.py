@@ -79,19 +79,24 @@ def gather_states(xp, values, state_classes):
     return torch.gather(values.permute(1, 0, 2), 2, indices)
 
 
-# On a CPU, the loss and its explicit gradient run NumPy's loop on views of the tensors' memory:
-# the loop is about twenty small ops per frame, and torch's dispatch costs two to five times
-# NumPy's per op there (`ctc_loss_and_grad`, torch backend, 2-core CPU: 1.7-2.2x faster on
-# `char`, `bpe` and `long`; README, Performance). False keeps torch's own ops everywhere.
+# On a CPU, what autograd does not record (the loss and its explicit gradient; without grad, the
+# forward probabilities, alignments and posteriors) runs NumPy's loop on views of the tensors'
+# memory: the loop is about thirty small ops per frame, and torch's dispatch costs two to five
+# times NumPy's per op there (torch forward+backward 1.4-2.1x faster on `char`, `bpe` and
+# `long`; README, Performance). False keeps torch's own ops everywhere.
 LOOP_IN_NUMPY_ON_CPU = True
 
 
 def numpy_views(arrays):
-    """NumPy views of CPU tensors (no copy), or None where the loop stays torch's: on CUDA,
-    under torch.compile, or for tensors NumPy cannot view (functorch transforms, conjugate bits)."""
+    """NumPy views of CPU tensors (no copy), or None where the loop stays torch's: where autograd
+    records (a tensor that requires grad, grad mode on: ``ctc_loss_with_forward_probs`` and
+    ``ctc_posteriors`` differentiated through the loop), on CUDA, under torch.compile, and for
+    tensors NumPy cannot view (functorch transforms, conjugate bits)."""
     if not LOOP_IN_NUMPY_ON_CPU or torch.compiler.is_compiling():
         return None
     if not all(isinstance(x, torch.Tensor) and x.device.type == "cpu" for x in arrays):
+        return None
+    if torch.is_grad_enabled() and any(x.requires_grad for x in arrays):
         return None
     try:
         return tuple(x.detach().numpy() for x in arrays)
