@@ -96,9 +96,9 @@ BACKENDS = {
     "numpy": ("numpy", _numpy_backend),
     "jax": ("jax", _jax_backend),
     "torch": ("torch", _torch_backend),
-    # torch with its own ops in every loop: on a CPU the loss and its explicit gradient
-    # otherwise run NumPy's loop on views of the tensors (ctc_multi.backends.torch), and on
-    # CUDA these ops are what runs.
+    # torch with its own ops in every loop: on a CPU, what autograd does not record otherwise
+    # runs NumPy's loop on views of the tensors (ctc_multi.backends.torch), and on CUDA these
+    # ops are what runs.
     "torch_ops": ("torch", _torch_backend),
     "array_api_strict": ("array_api_strict", _strict_backend),
 }

@@ -23,8 +23,9 @@ Each adapter module provides:
 * ``gather_states(xp, values, state_classes)``: (B, T, K) values, (B, S) class of each lattice
   state -> (T, B, S) the value of each state's class, time-major;
 * ``numpy_views(arrays)``: NumPy views of the (validated) arrays where the adapter has NumPy
-  run the loss and its explicit gradient instead of its own loop (torch on a CPU), else None,
-  and ``from_numpy(x)``: one result of that run as the framework's array;
+  run a function instead of its own loop (torch on a CPU, where autograd records nothing:
+  ``losses._Problem.where_the_loop_runs_fastest``), else None, and ``from_numpy(x)``: one
+  result of that run as the framework's array;
 * ``detach(x)``: ``x`` cut from any autodiff graph (explicit gradients need none);
 * ``compiled(function, num_static)``: ``function`` compiled for its first ``num_static``
   (hashable) arguments where the framework compiles (``jax.jit``), else ``function`` itself.
