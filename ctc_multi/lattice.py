@@ -348,7 +348,8 @@ def make_lattice_step(
         if frames_per_step == 1:
             frames = [block]
         else:
-            frames = [tree_map(lambda x, i=i: x[i, ...], block) for i in range(frames_per_step)]
+            emissions, padded = block
+            frames = [(emissions[i, ...], padded[i, ...]) for i in range(frames_per_step)]
         states, choices = [], []
         for log_emissions, padded in frames:
             log_state, choice = frame_step(log_state, log_emissions, padded)

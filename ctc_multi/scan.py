@@ -65,9 +65,13 @@ def python_loop_scan(
         raise ValueError("python_loop_scan needs at least one array in xs to know its length")
     length = leaves[0].shape[0]
     order = range(length - 1, -1, -1) if reverse else range(length)
+    if isinstance(xs, tuple) and all(x is not None and not isinstance(x, tuple) for x in xs):  # flat: no tree_map
+        step_xs = lambda index: tuple([x[index, ...] for x in xs])  # noqa: E731
+    else:
+        step_xs = lambda index: tree_map(lambda x: x[index, ...], xs)  # noqa: E731
     carry, outputs, first_y, buffers = init, [], None, None
     for index in order:
-        carry, y = step(carry, tree_map(lambda x: x[index, ...], xs))
+        carry, y = step(carry, step_xs(index))
         if output_buffer is None:
             outputs.append(y)
             continue
