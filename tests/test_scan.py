@@ -66,6 +66,21 @@ def test_python_loop_scan_gives_the_outputs_of_a_plain_loop(reverse, with_buffer
     np.testing.assert_array_equal(doubled, 2 * xs)
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+def test_python_loop_scan_hands_each_step_the_same_slices_whatever_the_structure_of_xs(reverse):
+    """A flat tuple (sliced without the tree map), a nested one and one with a None leaf."""
+    rng = np.random.default_rng(2)
+    a, b, c = (rng.normal(size=(5, 2)) for _ in range(3))
+
+    def seen_by_step(xs):
+        return python_loop_scan(lambda carry, x: (carry, x), 0, xs, reverse=reverse, stack=np.stack)[1]
+
+    flat, nested, with_none = seen_by_step((a, b, c)), seen_by_step((a, (b, c))), seen_by_step((a, None, b))
+    for got, want in zip(flat + nested[:1] + nested[1] + with_none[::2], (a, b, c, a, b, c, a, b)):
+        np.testing.assert_array_equal(got, want)
+    assert with_none[1] is None
+
+
 @pytest.mark.parametrize("num_classes", [3, 1000])
 def test_numpy_log_softmax_in_blocks_matches_the_whole_array_and_ignores_padded_frames(num_classes, monkeypatch):
     """Blocks of frames (7 here, the last one short) give what one pass over the whole array
