@@ -145,7 +145,7 @@ def log_softmax(xp, logits: Array) -> Array:
 def log_softmax_of_frames_by_where(xp, logits: Array, frame_zeroed: Array) -> Array:
     """(B, T, K) logits, (B, T) bool -> (B, T, K) log-softmax over the classes, the flagged
     frames taken as zero logits (uniform), so NaN or inf stored there reach nothing."""
-    return log_softmax(xp, xp.where(frame_zeroed[:, :, None], xp.zeros_like(logits), logits))
+    return log_softmax(xp, zero_frames_by_where(xp, logits, frame_zeroed))
 
 
 def log_softmax_parts(xp, logits: Array) -> tuple[Array, Array]:
@@ -234,7 +234,7 @@ def build_lattice(
     # padded frames as zeros itself.
     mask_results_only = not (differentiable or normalise_before_gather)
     if differentiable and not normalise_before_gather:
-        clean_logits = xp.where(logit_padded[:, :, None], xp.zeros_like(logits), logits)
+        clean_logits = zero_frames_by_where(xp, logits, logit_padded)
     else:
         clean_logits = logits
 

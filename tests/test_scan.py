@@ -106,6 +106,20 @@ def torch_backend():
     return importlib.import_module("ctc_multi.backends.torch")
 
 
+@pytest.fixture
+def numpy_scans(monkeypatch) -> list:
+    """One entry per scan that NumPy's adapter runs from here on."""
+    scans = []
+    monkeypatch.setattr(numpy_backend, "scan", lambda *args, **kwargs: scans.append(1) or python_loop_scan(*args, **kwargs, stack=np.stack))
+    return scans
+
+
+def _torch_paddings_and_labels():
+    import torch
+
+    return torch.zeros(2, 6), torch.tensor([[1, 2], [3, 0]]), torch.tensor([[0, 0], [0, 1]])
+
+
 def test_torch_on_a_cpu_hands_numpy_views_of_the_same_memory(torch_backend):
     import torch
 
@@ -119,7 +133,7 @@ def test_torch_on_a_cpu_hands_numpy_views_of_the_same_memory(torch_backend):
 
 
 @pytest.mark.parametrize("loop_in_numpy", [True, False])
-def test_torch_loss_and_gradient_run_numpys_loop_only_where_the_adapter_says(torch_backend, loop_in_numpy, monkeypatch):
+def test_torch_loss_and_gradient_run_numpys_loop_only_where_the_adapter_says(torch_backend, loop_in_numpy, numpy_scans, monkeypatch):
     """With the flag (the default), torch's ctc_loss and ctc_loss_and_grad run NumPy's scan and
     give torch tensors, leaving the logits untouched; without it, no NumPy scan runs at all."""
     import torch
@@ -127,11 +141,9 @@ def test_torch_loss_and_gradient_run_numpys_loop_only_where_the_adapter_says(tor
     import ctc_multi
 
     monkeypatch.setattr(torch_backend, "LOOP_IN_NUMPY_ON_CPU", loop_in_numpy)
-    numpy_scans = []
-    monkeypatch.setattr(numpy_backend, "scan", lambda *args, **kwargs: numpy_scans.append(1) or python_loop_scan(*args, **kwargs, stack=np.stack))
     logits = torch.randn(2, 6, 4, dtype=torch.float64, requires_grad=True)
     original = logits.detach().clone()
-    inputs = (torch.zeros(2, 6), torch.tensor([[1, 2], [3, 0]]), torch.tensor([[0, 0], [0, 1]]))
+    inputs = _torch_paddings_and_labels()
 
     loss = ctc_multi.ctc_loss(logits, *inputs)
     loss.sum().backward()
@@ -148,7 +160,7 @@ def test_torch_loss_and_gradient_run_numpys_loop_only_where_the_adapter_says(tor
 
 @pytest.mark.parametrize("requires_grad", [False, True])
 def test_torch_forward_probs_alignment_and_posteriors_run_numpys_loop_only_where_autograd_records_nothing(
-    torch_backend, requires_grad, monkeypatch
+    torch_backend, requires_grad, numpy_scans
 ):
     """Without grad these hand their loop to NumPy on a CPU; a tensor that requires grad keeps
     torch's own loop, which autograd records (forced_align never differentiates, so it always
@@ -157,10 +169,8 @@ def test_torch_forward_probs_alignment_and_posteriors_run_numpys_loop_only_where
 
     import ctc_multi
 
-    numpy_scans = []
-    monkeypatch.setattr(numpy_backend, "scan", lambda *args, **kwargs: numpy_scans.append(1) or python_loop_scan(*args, **kwargs, stack=np.stack))
     logits = torch.randn(2, 6, 4, dtype=torch.float64, requires_grad=requires_grad)
-    inputs = (torch.zeros(2, 6), torch.tensor([[1, 2], [3, 0]]), torch.tensor([[0, 0], [0, 1]]))
+    inputs = _torch_paddings_and_labels()
 
     loss, blank, nonblank = ctc_multi.ctc_loss_with_forward_probs(logits, *inputs)
     posteriors = ctc_multi.ctc_posteriors(logits, *inputs)
