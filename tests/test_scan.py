@@ -1,4 +1,5 @@
-"""The adapters' protocol, the Python-loop scan and the NumPy adapter's cache-blocked log-softmax.
+"""The adapters' protocol, the Python-loop scan and the NumPy adapter's cache-blocked log-softmax
+and gather.
 
 Backend-specific by design: these are the pieces the NumPy and torch adapters build their
 scans and lattices from (the ``xp`` fixture tests the losses built on them).
@@ -9,6 +10,7 @@ from __future__ import annotations
 import importlib
 import re
 
+import array_api_compat.numpy
 import numpy as np
 import pytest
 from conftest import installed
@@ -16,7 +18,7 @@ from conftest import installed
 import ctc_multi.backends
 from ctc_multi.backends import ADAPTER_NAMES
 from ctc_multi.backends import numpy as numpy_backend
-from ctc_multi.lattice import log_softmax
+from ctc_multi.lattice import carry_over_padded, gather_states_by_take, log_softmax
 from ctc_multi.scan import python_loop_scan
 
 
@@ -97,6 +99,43 @@ def test_numpy_log_softmax_in_blocks_matches_the_whole_array_and_ignores_padded_
     expected = log_softmax(np, np.where(padded[:, :, None], 0.0, logits))
     np.testing.assert_array_equal(result, expected)
     np.testing.assert_allclose(result[padded], -np.log(num_classes), rtol=1e-12)
+
+
+@pytest.mark.parametrize("block", [5 * 9, 1 << 16])
+def test_numpy_gather_in_blocks_matches_the_generic_gather_with_its_stand_ins_and_floor(block, monkeypatch):
+    """Blocks of frames (5 here, the last one short; or all frames at once) give what the
+    array-API gather followed by a select and a clip gives: the stand-ins in the replaced
+    states (of the sequences that have any), the floor below, NaN left as NaN."""
+    monkeypatch.setattr(numpy_backend, "GATHER_BLOCK", block)
+    rng = np.random.default_rng(2)
+    values = rng.normal(scale=30.0, size=(3, 23, 6)).astype(np.float32)
+    values[1, 4, 2] = np.nan
+    classes = rng.integers(0, 6, size=(3, 9))
+    classes[1, 0] = 2
+    replaced = np.zeros((3, 9), dtype=bool)
+    replaced[0, 5:] = replaced[2, 1] = True
+    replacement = rng.normal(scale=50.0, size=(3, 9)).astype(np.float32)
+
+    xp = array_api_compat.numpy  # the namespace the library runs NumPy arrays with
+    result = numpy_backend.gather_states(xp, values, classes, replaced, replacement, -20.0)
+    expected = gather_states_by_take(xp, values, classes, replaced, replacement, -20.0)
+    np.testing.assert_array_equal(result, expected)
+    assert result.shape == (23, 3, 9) and result.dtype == np.float32
+    assert np.isnan(result[4, 1, 0]) and result[~np.isnan(result)].min() >= -20.0
+    np.testing.assert_array_equal(result[:, 0, 5:], np.maximum(replacement[0, 5:], -20.0)[None].repeat(23, 0))
+    np.testing.assert_array_equal(numpy_backend.gather_states(xp, values, classes), gather_states_by_take(xp, values, classes))
+
+
+def test_carry_over_padded_skips_numpys_select_only_where_it_would_change_nothing(xp):
+    """NumPy hands back ``new`` itself when no flag is set (the shortcut); every namespace
+    keeps the carried states on flagged rows and the new ones elsewhere."""
+    carried, new = np.zeros((3, 4)), np.arange(12.0).reshape(3, 4)
+    for flags in ([False, False, False], [False, True, False]):
+        result = carry_over_padded(xp.namespace, xp.asarray(np.array(flags)), xp.asarray(carried), xp.asarray(new))
+        xp.check_type(result)
+        np.testing.assert_array_equal(xp.to_numpy(result), np.where(np.array(flags)[:, None], carried, new))
+    unpadded = np.array([False, False, False])
+    assert carry_over_padded(np, unpadded, carried, new) is new
 
 
 @pytest.fixture

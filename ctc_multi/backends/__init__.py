@@ -20,8 +20,10 @@ Each adapter module provides:
   (B, T) flagged frames set to zero. Both may write into the arrays they are handed;
 * ``log_softmax_of_frames(xp, logits, frame_zeroed)``: (B, T, K) log-softmax over the
   classes, the (B, T) flagged frames taken as zero logits (where ``NORMALISE_BEFORE_GATHER``);
-* ``gather_states(xp, values, state_classes)``: (B, T, K) values, (B, S) class of each lattice
-  state -> (T, B, S) the value of each state's class, time-major;
+* ``gather_states(xp, values, state_classes, replaced=None, replacement=None, floor=None)``:
+  (B, T, K) values, (B, S) class of each lattice state -> (T, B, S) the value of each state's
+  class, time-major, then with ``replacement`` (B, S) where ``replaced`` (B, S) is True and at
+  least ``floor`` (:func:`ctc_multi.lattice.replace_and_floor`; those left None do nothing);
 * ``numpy_views(arrays)``: NumPy views of the (validated) arrays where the adapter has NumPy
   run a function instead of its own loop (torch on a CPU, where autograd records nothing:
   ``losses._Problem.where_the_loop_runs_fastest``), else None, and ``from_numpy(x)``: one

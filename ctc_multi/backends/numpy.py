@@ -96,18 +96,36 @@ def log_softmax_of_frames(xp, logits, frame_zeroed):
     return np.reshape(result, logits.shape)
 
 
-def gather_states(xp, values, state_classes):
-    """(B, T, K), (B, S) -> (T, B, S): for NumPy one ``take`` per sequence, written into the
-    time-major result (2-3x faster than one take at flat indices on `long` and `bpe`, 3x or
-    more than take_along_axis); other namespaces take along the class axis."""
+# Elements per block of NumPy's gather: 256 KB of float32, so that the stand-ins and the floor
+# are written while the block is in cache.
+GATHER_BLOCK = 1 << 16
+
+
+def gather_states(xp, values, state_classes, replaced=None, replacement=None, floor=None):
+    """(B, T, K), (B, S) -> (T, B, S), then ``replace_and_floor`` with the rest: for NumPy one
+    ``take`` per sequence and block of frames, written into the time-major result, and the
+    stand-ins and the floor applied to that block in place (2-3x faster than one take at flat
+    indices on `long` and `bpe`, 3x or more than take_along_axis; and the block-wise finish 2x
+    faster on `char`, 1.5x on `long` than a select and a clip over the whole result). Other
+    namespaces take along the class axis."""
     if not is_numpy_namespace(xp):
-        return gather_states_by_take(xp, values, state_classes)
+        return gather_states_by_take(xp, values, state_classes, replaced, replacement, floor)
     import numpy as np
 
     batch, frames, _ = values.shape
-    gathered = np.empty((frames, batch, state_classes.shape[1]), dtype=values.dtype)
+    num_states = state_classes.shape[1]
+    gathered = np.empty((frames, batch, num_states), dtype=values.dtype)
+    block = max(1, GATHER_BLOCK // num_states)
     for sequence in range(batch):
-        gathered[:, sequence, :] = np.take(values[sequence], state_classes[sequence], axis=1)
+        classes = state_classes[sequence]
+        stand_ins = None if replaced is None or not replaced[sequence].any() else replaced[sequence]
+        for start in range(0, frames, block):
+            part = gathered[start : start + block, sequence, :]
+            np.take(values[sequence, start : start + block], classes, axis=1, out=part)
+            if stand_ins is not None:
+                part[:, stand_ins] = replacement[sequence, stand_ins]
+            if floor is not None:
+                np.maximum(part, floor, out=part)
     return gathered
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..lattice import replace_and_floor
 from ..scan import python_loop_scan
 
 NAME = "torch"
@@ -71,12 +72,13 @@ def log_softmax_of_frames(xp, logits, frame_zeroed):
     return torch.log_softmax(logits.masked_fill(frame_zeroed[:, :, None], 0), dim=-1)
 
 
-def gather_states(xp, values, state_classes):
+def gather_states(xp, values, state_classes, replaced=None, replacement=None, floor=None):
     """(B, T, K), (B, S) -> (T, B, S): torch.gather on the time-major view (torch's
-    take_along_dim, which array-api-compat calls, ran 4-8x slower on `char` and `long`)."""
+    take_along_dim, which array-api-compat calls, ran 4-8x slower on `char` and `long`), then
+    ``replace_and_floor`` with the rest."""
     batch, frames, _ = values.shape
     indices = state_classes[None, :, :].expand(frames, batch, state_classes.shape[1])
-    return torch.gather(values.permute(1, 0, 2), 2, indices)
+    return replace_and_floor(xp, torch.gather(values.permute(1, 0, 2), 2, indices), replaced, replacement, floor)
 
 
 # On a CPU, what autograd does not record (the loss and its explicit gradient; without grad, the
