@@ -8,8 +8,8 @@ the next one, or jump over a blank (``s - 2 -> s``) when the two labels around i
 Everything here is written against an array namespace ``xp`` (numpy, jax.numpy, torch via
 array-api-compat, array_api_strict ...) and contains no Python branch on array values (one
 NumPy-only shortcut aside, :func:`carry_over_padded`, which skips a select that would change
-nothing), so the same functions run under ``jax.jit`` and in a torch or NumPy loop. The recursion is driven by
-a :mod:`ctc_multi.scan` adapter, never by a loop written here.
+nothing), so the same functions run under ``jax.jit`` and in a torch or NumPy loop. The
+recursion is driven by a :mod:`ctc_multi.scan` adapter, never by a loop written here.
 
 Numerics, shared by every backend:
 
