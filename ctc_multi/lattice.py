@@ -310,10 +310,10 @@ def carry_over_padded(xp, padded: Array, carried: Array, new: Array) -> Array:
     The one Python branch on array values here: for NumPy arrays (always concrete), a frame that
     pads no sequence returns ``new`` without the select, which would change nothing (a
     broadcast ``where`` is NumPy's costliest op in the loop, 4 to 7 us on a (32, 201) state;
-    most frames pad nothing). Traced or device arrays keep the select, so nothing waits on a
-    value.
+    most frames pad nothing; ``count_nonzero`` is the cheapest check, 0.7 us against 1.35 for
+    ``any``). Traced or device arrays keep the select, so nothing waits on a value.
     """
-    if is_numpy_namespace(xp) and not padded.any():
+    if is_numpy_namespace(xp) and not xp.count_nonzero(padded):
         return new
     return xp.where(padded[..., None], carried, new)
 
