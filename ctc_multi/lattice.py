@@ -128,7 +128,7 @@ class MaxSemiring:
         return best, move
 
 
-def _finite_peak(xp, logits: Array) -> Array:
+def finite_peak(xp, logits: Array) -> Array:
     """(…, K) -> (…,) each row's largest value, 0 where it is not finite (rows all -inf)."""
     peak = xp.max(logits, axis=-1)
     return xp.where(xp.isfinite(peak), peak, xp.zeros_like(peak))
@@ -136,9 +136,15 @@ def _finite_peak(xp, logits: Array) -> Array:
 
 def log_softmax(xp, logits: Array) -> Array:
     """(…, K) -> (…, K) log-softmax over the last axis, safe for rows that are all -inf."""
-    shifted = logits - _finite_peak(xp, logits)[..., None]
-    # In place where the namespace allows it (NumPy, torch: one (…, K) array fewer; autograd
-    # is fine, exp keeps its result, not its input); a JAX array is simply rebound.
+    return subtract_log_total(xp, logits - finite_peak(xp, logits)[..., None])
+
+
+def subtract_log_total(xp, shifted: Array) -> Array:
+    """(…, K) logits less their row's peak -> the log-softmax: less the log of the row's total.
+
+    In place where the namespace allows it (NumPy, torch: one (…, K) array fewer; autograd is
+    fine, exp keeps its result, not its input); a JAX array is simply rebound.
+    """
     shifted -= xp.log(xp.sum(xp.exp(shifted), axis=-1, keepdims=True))
     return shifted
 
@@ -153,13 +159,20 @@ def log_softmax_parts(xp, logits: Array) -> tuple[Array, Array]:
     """(…, K) -> the (…,) peak and log-total of the log-softmax ``(logits - peak) - log_total``:
     what the recursion needs besides the few gathered logits, without a (…, K) array of
     log-probabilities (XLA gathers from it 3-4x slower than from the logits on `bpe`)."""
-    peak = _finite_peak(xp, logits)
+    peak = finite_peak(xp, logits)
     return peak, xp.log(xp.sum(xp.exp(logits - peak[..., None]), axis=-1))
 
 
-def softmax(xp, lattice: "Lattice") -> Array:
-    """(B, T, K) probabilities of every class."""
+def softmax(xp, lattice: "Lattice", *, overwrite_log_probs: bool = False) -> Array:
+    """(B, T, K) probabilities of every class.
+
+    ``overwrite_log_probs``: the caller needs the lattice's ``log_probs`` no more, so NumPy
+    writes the probabilities over them (one (B, T, K) array fewer per gradient: each new page
+    of a fresh array costs a fault, and on `vocab5k` the array is 48 MB).
+    """
     if lattice.log_probs is not None:
+        if overwrite_log_probs and is_numpy_namespace(xp):
+            return xp.exp(lattice.log_probs, out=lattice.log_probs)
         return xp.exp(lattice.log_probs)
     return xp.exp((lattice.logits - lattice.frame_peak[..., None]) - lattice.frame_log_total[..., None])
 
@@ -583,6 +596,7 @@ def logits_gradient(
     here and owned by no one else (on `bpe` NumPy's gradient took 15 ms in place against 43 ms
     with a scatter into zeros, a subtraction and a select). Here C = N + 1 columns.
     Padded frames get zero, and so does every frame of the ``zeroed_sequences`` (B,), if given.
+    The lattice's ``log_probs`` are spent here: NumPy writes the softmax over them.
     """
     per_state = xp.permute_dims(occupancy, (1, 0, 2))  # occupancy is zero on the padded labels' states
     # Every even state is the blank: one (B, T) sum serves them all, so the per-class sum gets
@@ -597,5 +611,5 @@ def logits_gradient(
     # into it in place, two passes over (B, T, K) instead of four (JAX forward+backward on
     # `bpe` and `vocab5k` 1.1x faster). A padded frame's occupancy repeats the next valid one's.
     columns = zero_frames(xp, columns, frame_zeroed)
-    probabilities = zero_frames(xp, softmax(xp, lattice), frame_zeroed)
+    probabilities = zero_frames(xp, softmax(xp, lattice, overwrite_log_probs=True), frame_zeroed)
     return subtract_per_class(xp, probabilities, columns, classes)

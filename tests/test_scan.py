@@ -85,18 +85,21 @@ def test_python_loop_scan_hands_each_step_the_same_slices_whatever_the_structure
 
 @pytest.mark.parametrize("num_classes", [3, 1000])
 def test_numpy_log_softmax_in_blocks_matches_the_whole_array_and_ignores_padded_frames(num_classes, monkeypatch):
-    """Blocks of frames (7 here, the last one short) give what one pass over the whole array
-    gives; padded frames holding NaN and inf come out uniform, as zero logits would."""
+    """Blocks of frames (7 here, the last one short; some with padded frames, most without)
+    give what one pass over the whole array gives, bit for bit, an unpadded frame of -inf
+    logits included; padded frames holding NaN and inf come out uniform, as zero logits would."""
     monkeypatch.setattr(numpy_backend, "LOG_SOFTMAX_CHUNK", 7 * num_classes)
     rng = np.random.default_rng(1)
     logits = rng.normal(scale=5.0, size=(3, 400, num_classes))
+    logits[1, 5, :] = -np.inf
     padded = np.zeros((3, 400), dtype=bool)
     padded[0, 350:] = padded[2, :10] = True
     poisoned = np.where(padded[:, :, None], np.nan, logits)
     poisoned[2, 3, 0] = np.inf
 
-    result = numpy_backend.log_softmax_of_frames(np, poisoned, padded)
-    expected = log_softmax(np, np.where(padded[:, :, None], 0.0, logits))
+    with np.errstate(divide="ignore", invalid="ignore"):  # the -inf frame
+        result = numpy_backend.log_softmax_of_frames(np, poisoned, padded)
+        expected = log_softmax(np, np.where(padded[:, :, None], 0.0, logits))
     np.testing.assert_array_equal(result, expected)
     np.testing.assert_allclose(result[padded], -np.log(num_classes), rtol=1e-12)
 

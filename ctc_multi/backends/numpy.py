@@ -5,9 +5,10 @@ from __future__ import annotations
 from array_api_compat import array_namespace, device, is_numpy_namespace
 
 from ..lattice import (
+    finite_peak,
     gather_states_by_take,
-    log_softmax,
     log_softmax_of_frames_by_where,
+    subtract_log_total,
     subtract_per_class_by_matmul,
     zero_frames_by_where,
 )
@@ -92,7 +93,9 @@ def log_softmax_of_frames(xp, logits, frame_zeroed):
     block = max(1, LOG_SOFTMAX_CHUNK // num_classes)
     for start in range(0, rows.shape[0], block):
         part = slice(start, start + block)
-        result[part] = log_softmax(np, np.where(zeroed[part], 0, rows[part]))
+        chunk = rows[part] if not np.count_nonzero(zeroed[part]) else np.where(zeroed[part], 0, rows[part])
+        np.subtract(chunk, finite_peak(np, chunk)[:, None], out=result[part])
+        subtract_log_total(np, result[part])
     return np.reshape(result, logits.shape)
 
 
