@@ -154,7 +154,7 @@ def check_inputs(logits, logit_paddings, labels, label_paddings, *, blank_id, lo
     return CTCInputs(
         xp=xp,
         backend=backend,
-        logits=xp.astype(logits, dtype),
+        logits=xp.astype(logits, dtype, copy=False),  # no (B, T, K) copy when the dtype is already right
         logit_padded=logit_padded,
         labels=labels,
         label_padded=label_padded,

@@ -118,6 +118,44 @@ def test_loss_and_grad_match_reference(xp, case, dtype):
     np.testing.assert_allclose(grad, expected_grad, **TOLERANCE[f"gradient_{dtype}"])
 
 
+@pytest.mark.parametrize("num_classes", [5, 300])  # the one-hot sum and the scatter-add
+def test_loss_and_grad_leave_inputs_and_earlier_results_as_they_were(xp, num_classes):
+    """NumPy writes the gradient's softmax over its own log-softmax and edits that array in
+    place: the caller's arrays, and the results of an earlier call, must come out unchanged."""
+    problem = random_problem(np.random.default_rng(57), 3, 9, num_classes, 3, frame_layout="anywhere")
+    arrays, _ = to_backend(xp, problem, "float32")
+    before = [np.array(xp.to_numpy(array)) for array in arrays]
+    first_loss, first_grad = ctc_multi.ctc_loss_and_grad(*arrays)
+    kept_loss, kept_grad = np.array(xp.to_numpy(first_loss)), np.array(xp.to_numpy(first_grad))
+    second_loss, second_grad = ctc_multi.ctc_loss_and_grad(*arrays)
+
+    for array, original in zip(arrays, before):
+        np.testing.assert_array_equal(xp.to_numpy(array), original)
+    np.testing.assert_array_equal(xp.to_numpy(first_loss), kept_loss)
+    np.testing.assert_array_equal(xp.to_numpy(first_grad), kept_grad)
+    np.testing.assert_array_equal(xp.to_numpy(second_loss), kept_loss)
+    np.testing.assert_array_equal(xp.to_numpy(second_grad), kept_grad)
+    assert not np.shares_memory(xp.to_numpy(first_grad), xp.to_numpy(second_grad))
+
+
+def test_numpy_logits_that_are_read_only_or_strided_give_the_same_numbers():
+    """The logits are used as given when their dtype is right (no copy): a read-only or a
+    non-contiguous (B, T, K) view gives what a fresh contiguous array gives, and is not written."""
+    problem = random_problem(np.random.default_rng(58), 3, 9, 300, 3, frame_layout="anywhere")
+    others = problem[1:]
+    expected_loss, expected_grad = ctc_multi.ctc_loss_and_grad(problem.logits.copy(), *others)
+    read_only = problem.logits.copy()
+    read_only.flags.writeable = False
+    strided = np.ascontiguousarray(np.transpose(problem.logits, (2, 0, 1))).transpose(1, 2, 0)
+    assert not strided.flags.c_contiguous
+    for logits in (read_only, strided):
+        before = logits.copy()
+        loss, grad = ctc_multi.ctc_loss_and_grad(logits, *others)
+        np.testing.assert_array_equal(loss, expected_loss)
+        np.testing.assert_array_equal(grad, expected_grad)
+        np.testing.assert_array_equal(logits, before)
+
+
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_padded_frames_get_zero_gradient_and_valid_frames_sum_to_zero(xp, dtype):
     """NaN / inf stored in padded frames (first, middle, last) reach neither loss nor gradient."""
