@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import sys
 from pathlib import Path
+
+import numpy as np
+import pytest
 
 RUNNER = Path(__file__).resolve().parent.parent / "benchmarks" / "run.py"
 
@@ -26,3 +30,30 @@ def test_each_mode_has_its_own_default_json():
     assert paths == {"shapes": "latest.json", "memory": "memory.json", "sweep": "sweep_K.json"}
     explicit = runner.parse_args(["--memory", "--json", "elsewhere.json"])
     assert explicit.json == Path("elsewhere.json")
+
+
+def load_ab():
+    load_runner()  # ab.py imports run.py from its folder; loaded here under the name it uses
+    sys.modules["run"] = sys.modules["benchmark_runner"]
+    spec = importlib.util.spec_from_file_location("benchmark_ab", RUNNER.parent / "ab.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.skipif(shutil.which("git") is None or not (RUNNER.parent.parent / ".git").exists(), reason="needs git and a git checkout")
+def test_ab_imports_a_commits_package_under_its_own_name_and_times_the_same_calls():
+    """benchmarks/ab.py: HEAD's package, imported beside this checkout's, is a separate module
+    that computes the same losses; unknown backends are refused by name."""
+    import ctc_multi
+    from ctc_multi.shapes import SHAPES, random_problem
+
+    ab = load_ab()
+    earlier = ab.import_at("HEAD")
+    assert earlier.__name__.startswith("ctc_multi_at_") and earlier is not ctc_multi
+    problem = random_problem(SHAPES["small"], 0, "float32")
+    old, new = ab.prepared(earlier, problem, "numpy"), ab.prepared(ctc_multi, problem, "numpy")
+    assert old.forward.__module__ != new.forward.__module__
+    np.testing.assert_array_equal(old.forward(), new.forward())
+    with pytest.raises(SystemExit):
+        ab.parse_args(["--against", "HEAD", "--backends", "cudnn"])

@@ -1,0 +1,101 @@
+"""A/B timing: this checkout's ctc_multi against the one of an earlier commit, in one process.
+
+A change is measured against its parent commit better this way than by two runs of
+``run.py``: both versions are timed in the same interleaved rounds, so a burst of load on a
+shared machine hits both alike, and the ratio old / new needs no anchor.
+
+    python benchmarks/ab.py --against bdf0789                  # numpy and torch, fwd+bwd
+    python benchmarks/ab.py --against HEAD~1 --backends jax --shapes char,long --direction fwd
+
+The earlier version is taken with ``git archive`` into a temporary folder and imported under
+another name (the package's imports are all relative). The contenders are those of ``run.py``
+and ``ctc-multi compare`` (:mod:`ctc_multi.compare`), built from each version's own module, and
+timed by ``run.interleaved_timings``. The losses of the two versions are compared too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import io
+import math
+import os
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import run  # noqa: E402  (benchmarks/run.py: the timing loop and the shape names)
+
+import ctc_multi  # noqa: E402
+from ctc_multi.shapes import SHAPES, random_problem  # noqa: E402
+
+DEFAULT_SHAPES = ("char", "bpe", "long", "vocab5k")
+
+
+def import_at(revision: str, repository: Path = HERE.parent) -> ModuleType:
+    """The ctc_multi package as it was at ``revision``, imported as ``ctc_multi_at_<commit>``."""
+    commit = subprocess.run(["git", "rev-parse", "--short", revision], cwd=repository, capture_output=True, text=True, check=True).stdout.strip()
+    archive = subprocess.run(["git", "archive", commit, "ctc_multi"], cwd=repository, capture_output=True, check=True).stdout
+    folder = Path(tempfile.mkdtemp(prefix="ctc_multi_ab_"))
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(folder, filter="data")
+    name = f"ctc_multi_at_{commit}"
+    (folder / "ctc_multi").rename(folder / name)
+    sys.path.insert(0, str(folder))
+    return importlib.import_module(name)
+
+
+def prepared(package: ModuleType, problem, backend: str):
+    """``package``'s contender for ``backend``, ready to run on ``problem``."""
+    module = importlib.import_module(f"{package.__name__}.compare")
+    case = module.Case(problem, blank_id=0, source="ab")
+    return module.BACKENDS[backend].prepare(case, "cpu")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--against", required=True, help="the earlier commit (anything git rev-parse takes)")
+    parser.add_argument("--shapes", type=run._names, default=list(DEFAULT_SHAPES), help=f"named shapes among {','.join(SHAPES)}")
+    parser.add_argument("--backends", type=run._names, default=["numpy", "torch"], help="among numpy,jax,torch (CPU)")
+    parser.add_argument("--direction", choices=run.DIRECTIONS, default="fwd+bwd")
+    parser.add_argument("--rounds", type=int, default=9, help=f"timed interleaved rounds (at least {run.MIN_REPEATS})")
+    args = parser.parse_args(argv)
+    args.rounds = max(args.rounds, run.MIN_REPEATS)
+    unknown = set(args.shapes) - set(SHAPES)
+    if unknown:
+        parser.error(f"unknown shape(s) {', '.join(sorted(unknown))}; choose from {', '.join(SHAPES)}")
+    unknown = set(args.backends) - {"numpy", "jax", "torch"}
+    if unknown:
+        parser.error(f"unknown backend(s) {', '.join(sorted(unknown))}; choose from numpy, jax, torch")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as run.py: before torch initialises OpenMP
+    earlier = import_at(args.against)
+    print(f"{args.direction}, median of {args.rounds} interleaved rounds; old = {earlier.__name__}, new = this checkout", flush=True)
+    print(f"{'shape':8s} {'backend':8s} {'old ms':>9s} {'new ms':>9s} {'old/new':>8s} {'loss Δrel':>10s}")
+    for shape in args.shapes:
+        problem = random_problem(SHAPES[shape], 0, "float32")
+        for backend in args.backends:
+            versions = {"old": prepared(earlier, problem, backend), "new": prepared(ctc_multi, problem, backend)}
+            losses = {key: np.asarray(version.to_numpy(version.forward()), dtype=np.float64) for key, version in versions.items()}
+            method = "forward" if args.direction == "fwd" else "forward_backward"
+            timings = run.interleaved_timings({key: getattr(version, method) for key, version in versions.items()}, repeats=args.rounds, budget_s=math.inf)
+            old, new = timings["old"].median_ms, timings["new"].median_ms
+            difference = float(np.max(np.abs(losses["new"] - losses["old"]) / np.maximum(1.0, np.abs(losses["old"]))))
+            print(f"{shape:8s} {backend:8s} {old:9.1f} {new:9.1f} {old / new:8.2f} {difference:10.1e}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
