@@ -6,6 +6,7 @@ shared machine hits both alike, and the ratio old / new needs no anchor.
 
     python benchmarks/ab.py --against bdf0789                  # numpy and torch, fwd+bwd
     python benchmarks/ab.py --against HEAD~1 --backends jax --shapes char,long --direction fwd
+    python benchmarks/ab.py --against HEAD~1 --backends torch_ops      # torch's own ops in the loop
 
 The earlier version is taken with ``git archive`` into a temporary folder and imported under
 another name (the package's imports are all relative). The contenders are those of ``run.py``
@@ -57,6 +58,9 @@ def prepared(package: ModuleType, problem, backend: str):
     """``package``'s contender for ``backend``, ready to run on ``problem``."""
     module = importlib.import_module(f"{package.__name__}.compare")
     case = module.Case(problem, blank_id=0, source="ab")
+    if backend == "torch_ops":  # as run.py's: the torch backend with torch's own ops in its loop
+        own_ops = importlib.import_module(f"{package.__name__}.backends.torch")
+        return run.with_torch_ops(module.BACKENDS["torch"].prepare(case, "cpu"), own_ops)
     return module.BACKENDS[backend].prepare(case, "cpu")
 
 
@@ -64,7 +68,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--against", required=True, help="the earlier commit (anything git rev-parse takes)")
     parser.add_argument("--shapes", type=run._names, default=list(DEFAULT_SHAPES), help=f"named shapes among {','.join(SHAPES)}")
-    parser.add_argument("--backends", type=run._names, default=["numpy", "torch"], help="among numpy,jax,torch (CPU)")
+    parser.add_argument("--backends", type=run._names, default=["numpy", "torch"], help="among numpy,jax,torch,torch_ops (CPU; torch_ops: as in run.py)")
     parser.add_argument("--direction", choices=run.DIRECTIONS, default="fwd+bwd")
     parser.add_argument("--rounds", type=int, default=9, help=f"timed interleaved rounds (at least {run.MIN_REPEATS})")
     args = parser.parse_args(argv)
@@ -72,9 +76,9 @@ def parse_args(argv=None):
     unknown = set(args.shapes) - set(SHAPES)
     if unknown:
         parser.error(f"unknown shape(s) {', '.join(sorted(unknown))}; choose from {', '.join(SHAPES)}")
-    unknown = set(args.backends) - {"numpy", "jax", "torch"}
+    unknown = set(args.backends) - {"numpy", "jax", "torch", "torch_ops"}
     if unknown:
-        parser.error(f"unknown backend(s) {', '.join(sorted(unknown))}; choose from numpy, jax, torch")
+        parser.error(f"unknown backend(s) {', '.join(sorted(unknown))}; choose from numpy, jax, torch, torch_ops")
     return args
 
 

@@ -4,16 +4,18 @@
 #   OUT=/some/folder bash benchmarks/gpu_check.sh            # on the GPU machine
 #   OUT=/tmp/out bash benchmarks/gpu_check.sh --dry-run      # anywhere: CPU, small shape, quick
 #
-# Writes everything under $OUT: environment.txt, tests_cuda.txt, bench_cuda.txt (+ .json, .png),
-# memory_cuda.txt, tests_all.txt, summary.txt. Steps run in order of value, each under its own
-# timeout taken from one overall budget (BUDGET_S, default 480 s), so a slow or hung step costs
-# only its share and whatever finished still comes back:
+# Writes everything under $OUT: environment.txt, tests_cuda.txt, unroll_cuda.txt, bench_cuda.txt
+# (+ .json, .png), occupancy_cuda.txt (+ .json), memory_cuda.txt, tests_all.txt, summary.txt.
+# Steps run in order of value, each under its own timeout taken from one overall budget
+# (BUDGET_S, default 480 s), so a slow or hung step costs only its share and whatever finished
+# still comes back:
 #   1. environment (nvidia-smi, versions, devices)
 #   2. the GPU-specific tests (tests/test_cuda.py: torch CUDA and jax GPU against the reference)
 #   3. jax fwd+bwd against optax for several loop unrolls (benchmarks/gpu_unroll.py)
 #   4. the benchmark on every named shape, big included, anchors (optax, torch native, cuDNN) in the same run
-#   5. peak memory of jax fwd+bwd on `long`, ctc_multi vs optax, each in a fresh process
-#   6. the whole test suite (JAX tests run on the GPU there: jax puts new arrays on it by default)
+#   5. jax fwd+bwd with the occupancies of the mirror image instead of the shares (run.py --occupancy)
+#   6. peak memory of jax fwd+bwd on `long`, ctc_multi vs optax, each in a fresh process
+#   7. the whole test suite (JAX tests run on the GPU there: jax puts new arrays on it by default)
 #
 # ctc_multi runs from this checkout (PYTHONPATH), nothing is installed. Pure-Python test
 # dependencies missing on the machine (array-api-compat is required; pytest, hypothesis,
@@ -81,6 +83,10 @@ step cuda-tests 90 tests_cuda.txt "$PYTHON" -m pytest -q -rs -p no:cacheprovider
 step unroll 90 unroll_cuda.txt "$PYTHON" benchmarks/gpu_unroll.py --shapes "$UNROLL_SHAPES"
 step benchmark 200 bench_cuda.txt "$PYTHON" benchmarks/run.py --device "$DEVICE" --shapes "$SHAPES" --repeats "$REPEATS" --budget 15 \
   --json "$OUT/bench_cuda.json" --plot "$OUT/bench_cuda.png"
+# The JAX backend with the mirror image's single scan for its gradient (run.py --occupancy), to set
+# against its default (the shares) in bench_cuda.txt: on a GPU each loop step costs a launch.
+step occupancy 60 occupancy_cuda.txt "$PYTHON" benchmarks/run.py --device "$DEVICE" --occupancy mirror --backends jax \
+  --shapes "$UNROLL_SHAPES" --repeats 5 --budget 10 --json "$OUT/occupancy_cuda.json"
 step memory 50 memory_cuda.txt "$PYTHON" benchmarks/run.py --memory --device "$DEVICE" --shapes "$MEMORY_SHAPE" --json "$OUT/memory_cuda.json"
 XDIST=""; "$PYTHON" -c "import xdist" 2>/dev/null && XDIST="-n 8"
 # shellcheck disable=SC2086  # XDIST and SUITE are lists

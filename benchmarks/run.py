@@ -110,14 +110,13 @@ def _from_compare(contender: compare.Contender, name: str, key: str) -> Contende
     return Contender(name, key, contender.anchor, contender.requires, contender.prepare)
 
 
-def _prepare_torch_ops(case: compare.Case, device: str) -> compare.Prepared:
-    """ctc_multi's torch backend with torch's own ops in its loop, which on a CPU otherwise
-    hands the loss and its gradient to NumPy's loop (``LOOP_IN_NUMPY_ON_CPU``)."""
-    from ctc_multi.backends import torch as torch_backend
+def with_torch_ops(prepared: compare.Prepared, torch_backend) -> compare.Prepared:
+    """``prepared`` (a contender of the torch backend) run with torch's own ops in its loop:
+    ``torch_backend.LOOP_IN_NUMPY_ON_CPU`` off during each call, which on a CPU otherwise hands
+    the loss and its gradient to NumPy's loop. ``torch_backend`` is ctc_multi's torch adapter
+    module (or an earlier version's: ``ab.py``)."""
 
-    prepared = compare.BACKENDS["torch"].prepare(case, device)
-
-    def with_torch_ops(function):
+    def with_own_ops(function):
         def run():
             saved, torch_backend.LOOP_IN_NUMPY_ON_CPU = torch_backend.LOOP_IN_NUMPY_ON_CPU, False
             try:
@@ -127,7 +126,14 @@ def _prepare_torch_ops(case: compare.Case, device: str) -> compare.Prepared:
 
         return run
 
-    return replace(prepared, forward=with_torch_ops(prepared.forward), forward_backward=with_torch_ops(prepared.forward_backward))
+    return replace(prepared, forward=with_own_ops(prepared.forward), forward_backward=with_own_ops(prepared.forward_backward))
+
+
+def _prepare_torch_ops(case: compare.Case, device: str) -> compare.Prepared:
+    """ctc_multi's torch backend with torch's own ops in its loop (:func:`with_torch_ops`)."""
+    from ctc_multi.backends import torch as torch_backend
+
+    return with_torch_ops(compare.BACKENDS["torch"].prepare(case, device), torch_backend)
 
 
 _COMPARE_ANCHORS = {anchor.name: anchor for anchor in compare.ANCHORS}
@@ -620,6 +626,16 @@ def _names(text: str) -> list[str]:
     return [name.strip() for name in text.split(",") if name.strip()]
 
 
+def use_occupancy(way: str, backends) -> None:
+    """Have the jax and torch adapters (those among ``backends``) compute the gradient's
+    occupancies ``way`` ("shares" or "mirror"), whatever their own choice."""
+    from ctc_multi import lattice
+
+    function = getattr(lattice, f"forward_and_occupancy_by_{way}")
+    for name in {"jax", "torch"} & {key.removesuffix("_ops") for key in backends}:
+        importlib.import_module(f"ctc_multi.backends.{name}").forward_and_occupancy = function
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", type=_names, help=f"named shapes among {','.join(SHAPES)} (default cpu: {','.join(CPU_SHAPES)}; cuda: all)")
@@ -642,6 +658,14 @@ def parse_args(argv=None):
         default=None,
         help=f"where to write the results (default {DEFAULT_JSON.relative_to(HERE.parent)}; with --memory memory.json,"
         " with --sweep D sweep_D.json, beside it, so no mode overwrites another's results)",
+    )
+    parser.add_argument(
+        "--occupancy",
+        choices=("default", "shares", "mirror"),
+        default="default",
+        help="how the jax and torch backends get the occupancies behind the gradient: each adapter's own (default: "
+        "shares for jax, the mirror image for torch), or the one named for both (ctc_multi.lattice."
+        "forward_and_occupancy_by_shares / _by_mirror; numpy keeps its own). For trying either on a GPU",
     )
     parser.add_argument("--plot", metavar="PATH.png", help="draw time vs T (or vs the swept dimension)")
     mode = parser.add_mutually_exclusive_group()
@@ -672,8 +696,12 @@ def main(argv=None) -> int:
         import torch
 
         torch.set_num_threads(args.torch_threads)
+    if args.occupancy != "default":
+        use_occupancy(args.occupancy, args.backends)
     info = machine(args.device)
     print(describe_machine(info), flush=True)
+    if args.occupancy != "default":
+        print(f"occupancies of the jax and torch backends: {args.occupancy}", flush=True)
     data: dict[str, Any] = dict(machine=info, arguments={k: str(v) for k, v in vars(args).items()})
     if args.memory:
         shape_name = (args.shapes or ["long"])[0]

@@ -4,8 +4,8 @@
 (:class:`~ctc_multi.lattice.MaxSemiring`), which also returns, per frame and lattice state, the
 move that won (stay, advance one state, or skip a blank). A second scan, backwards over the
 frames with the same backend adapter, follows those moves from the best final state: the
-backtrace. :func:`ctc_posteriors` takes the state occupancies of the loss's forward run and
-its backward (occupancy) scan. Nothing here is written per framework.
+backtrace. :func:`ctc_posteriors` takes the state occupancies that the loss's gradient uses
+(the backend's ``forward_and_occupancy``). Nothing here is written per framework.
 
 Everything happens in the lattice's renormalised log domain (each frame's state vector has its
 maximum subtracted): comparisons between states of the same frame do not depend on the offset.
@@ -195,7 +195,7 @@ def ctc_posteriors(
 
     Graves et al. (2006), eq. 14: over all CTC paths that read the labels, weighted by their
     probability, the fraction that emit label n (its own occurrence, not another equal label)
-    at frame t; from the forward run of the loss recursion and its backward occupancy scan.
+    at frame t; from the occupancies of the loss recursion that its gradient uses.
 
     Args: as :func:`ctc_multi.ctc_loss_with_forward_probs`.
 

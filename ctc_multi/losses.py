@@ -15,7 +15,6 @@ from .backends import index_dtype
 from .inputs import CTCInputs, check_inputs
 from .lattice import (
     build_lattice,
-    forward_and_occupancy,
     forward_probs_from_history,
     logits_gradient,
     loss_from_final_state,
@@ -92,8 +91,8 @@ class _Problem:
         return run_recursion(self.xp, self.backend.scan, lattice, frames_per_step=self.backend.FRAMES_PER_STEP, **options)
 
     def occupancy(self, lattice):
-        """:func:`~ctc_multi.lattice.forward_and_occupancy` with this backend's scan and frames per step."""
-        return forward_and_occupancy(self.xp, self.backend.scan, lattice, frames_per_step=self.backend.FRAMES_PER_STEP)
+        """(final carry, (T, B, S) occupancy) by this backend's ``forward_and_occupancy``, scan and frames per step."""
+        return self.backend.forward_and_occupancy(self.xp, self.backend.scan, lattice, frames_per_step=self.backend.FRAMES_PER_STEP)
 
     def _loss(self, lattice, final):
         xp = self.xp
@@ -110,9 +109,11 @@ class _Problem:
 
     def forward_with_residuals(self, *arrays):
         """(B,) loss and, as the one residual the backward pass needs, the (B, T, K) gradient of
-        each sequence's loss: the forward scan that gives the loss also records each state's
-        shares, and one reverse scan of multiplies and adds turns them into occupancies (see
-        ``forward_and_occupancy``)."""
+        each sequence's loss, from the occupancies of the backend's ``forward_and_occupancy``:
+        NumPy and JAX record each state's shares in the forward scan that gives the loss and
+        turn them into occupancies with one reverse scan of multiplies and adds; torch scans the
+        lattice and its mirror image at once (``forward_and_occupancy_by_shares`` and
+        ``forward_and_occupancy_by_mirror`` in :mod:`ctc_multi.lattice`)."""
         xp = self.xp
         lattice = self.lattice(*arrays, differentiable=False)
         final, occupancy = self.occupancy(lattice)

@@ -42,9 +42,10 @@ def load_ab():
 
 
 @pytest.mark.skipif(shutil.which("git") is None or not (RUNNER.parent.parent / ".git").exists(), reason="needs git and a git checkout")
-def test_ab_imports_a_commits_package_under_its_own_name_and_times_the_same_calls():
+def test_ab_imports_a_commits_package_under_its_own_name_and_times_the_same_calls(monkeypatch):
     """benchmarks/ab.py: HEAD's package, imported beside this checkout's, is a separate module
-    that computes the same losses; unknown backends are refused by name."""
+    that computes the same losses; unknown backends are refused by name; ``torch_ops`` runs
+    that version's torch adapter with its own ops."""
     import ctc_multi
     from ctc_multi.shapes import SHAPES, random_problem
 
@@ -57,3 +58,12 @@ def test_ab_imports_a_commits_package_under_its_own_name_and_times_the_same_call
     np.testing.assert_array_equal(old.forward(), new.forward())
     with pytest.raises(SystemExit):
         ab.parse_args(["--against", "HEAD", "--backends", "cudnn"])
+    if importlib.util.find_spec("torch") is None:
+        return
+    # torch_ops: that version's torch adapter keeps its loop (its own flag off during the call).
+    adapter = importlib.import_module(f"{earlier.__name__}.backends.torch")
+    flags, views = [], adapter.numpy_views
+    monkeypatch.setattr(adapter, "numpy_views", lambda arrays: flags.append(adapter.LOOP_IN_NUMPY_ON_CPU) or views(arrays))
+    own_ops = ab.prepared(earlier, problem, "torch_ops")
+    np.testing.assert_allclose(own_ops.to_numpy(own_ops.forward()), new.forward(), rtol=1e-5)
+    assert flags and not any(flags) and adapter.LOOP_IN_NUMPY_ON_CPU

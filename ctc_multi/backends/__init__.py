@@ -28,6 +28,10 @@ Each adapter module provides:
   run a function instead of its own loop (torch on a CPU, where autograd records nothing:
   ``losses._Problem.where_the_loop_runs_fastest``), else None, and ``from_numpy(x)``: one
   result of that run as the framework's array;
+* ``forward_and_occupancy(xp, scan, lattice, *, frames_per_step)``: the forward recursion's
+  final carry and the (T, B, S) occupancies: :func:`ctc_multi.lattice.forward_and_occupancy_by_shares`
+  where the arithmetic is the cost, :func:`ctc_multi.lattice.forward_and_occupancy_by_mirror`
+  where each operation's dispatch is;
 * ``detach(x)``: ``x`` cut from any autodiff graph (explicit gradients need none);
 * ``compiled(function, num_static)``: ``function`` compiled for its first ``num_static``
   (hashable) arguments where the framework compiles (``jax.jit``), else ``function`` itself.
@@ -55,6 +59,7 @@ ADAPTER_NAMES = (
     "gather_states",
     "numpy_views",
     "from_numpy",
+    "forward_and_occupancy",
     "detach",
     "compiled",
 )

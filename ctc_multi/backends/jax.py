@@ -6,7 +6,7 @@ import functools
 
 import jax
 
-from ..lattice import gather_states_by_take, log_softmax_of_frames_by_where, per_class_sum_by_matmul, zero_frames_by_where
+from ..lattice import forward_and_occupancy_by_shares, gather_states_by_take, log_softmax_of_frames_by_where, per_class_sum_by_matmul, zero_frames_by_where
 
 NAME = "jax"
 INDEX_DTYPE_NAME = "int32"  # int64 needs jax_enable_x64
@@ -84,6 +84,12 @@ zero_frames = zero_frames_by_where  # XLA fuses the select into what computes th
 log_softmax_of_frames = log_softmax_of_frames_by_where  # unused: JAX gathers, then normalises
 
 gather_states = gather_states_by_take  # XLA's gather from the time-major view is fast
+
+
+# On a CPU XLA is bound by the exp and log of each lattice cell, which the mirror image doubles
+# (see ctc_multi.lattice); on a GPU, where the loop's steps cost more than their arithmetic,
+# the mirror image's single scan is untried.
+forward_and_occupancy = forward_and_occupancy_by_shares
 
 
 def numpy_views(arrays):

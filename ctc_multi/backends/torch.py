@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..lattice import replace_and_floor
+from ..lattice import forward_and_occupancy_by_mirror, replace_and_floor
 from ..scan import python_loop_scan
 
 NAME = "torch"
@@ -79,6 +79,12 @@ def gather_states(xp, values, state_classes, replaced=None, replacement=None, fl
     batch, frames, _ = values.shape
     indices = state_classes[None, :, :].expand(frames, batch, state_classes.shape[1])
     return replace_and_floor(xp, torch.gather(values.permute(1, 0, 2), 2, indices), replaced, replacement, floor)
+
+
+# Each torch op costs a dispatch (on CUDA a kernel launch) whatever its size, so one scan of
+# the plain step over the lattice and its mirror image (about 8 ops per frame) beats the shares
+# and a reverse scan (about 25): occupancy 1.3x to 2.3x faster on a CPU with torch's own ops.
+forward_and_occupancy = forward_and_occupancy_by_mirror
 
 
 # On a CPU, what autograd does not record (the loss and its explicit gradient; without grad, the

@@ -1,0 +1,75 @@
+"""The two ways to the occupancies in ctc_multi.lattice give the same numbers on every backend:
+each state's shares and a reverse scan, or the lattice and its mirror image in one scan."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import random_problem
+
+from ctc_multi.inputs import check_inputs
+from ctc_multi.lattice import forward_and_occupancy_by_mirror, forward_and_occupancy_by_shares, run_recursion, with_mirror_image
+from ctc_multi.losses import _Problem
+
+
+def _both_ways(xp, problem, *, log_epsilon=-1e5, dtype="float64"):
+    """Each way's (final carry, occupancy) as NumPy arrays, run by xp's own scan, and the
+    (T, B) valid frames of the sequences that can be aligned."""
+    inputs = check_inputs(
+        xp.asarray(problem.logits, dtype=xp.dtype(dtype)),
+        xp.asarray(problem.logit_paddings),
+        xp.asarray(problem.labels),
+        xp.asarray(problem.label_paddings),
+        blank_id=0,
+        log_epsilon=log_epsilon,
+    )
+    run = _Problem.of(inputs)
+    lattice = run.lattice(inputs.logits, inputs.logit_padded, inputs.labels, inputs.label_padded, differentiable=False)
+    results = []
+    for way in (forward_and_occupancy_by_shares, forward_and_occupancy_by_mirror):
+        final, occupancy = way(run.xp, run.backend.scan, lattice, frames_per_step=run.backend.FRAMES_PER_STEP)
+        xp.check_type(occupancy, *final)
+        results.append(([xp.to_numpy(part) for part in final], xp.to_numpy(occupancy)))
+    counted = ~xp.to_numpy(lattice.frame_padded) & xp.to_numpy(lattice.feasible)[None, :]
+    return results, counted
+
+
+@pytest.mark.parametrize("frame_layout", ["right", "anywhere"])
+@pytest.mark.parametrize("pad_label", [0, -1])
+def test_the_mirror_image_gives_the_occupancies_of_the_shares(xp, frame_layout, pad_label):
+    """Padded frames anywhere, padded labels in range and out of it (the stand-ins emit with
+    probability one), repeated labels; float64, so the two agree to rounding."""
+    problem = random_problem(np.random.default_rng(7), 6, 30, 5, 7, pad_label=pad_label, frame_layout=frame_layout)
+    ((shares_final, shares), (mirror_final, mirror)), counted = _both_ways(xp, problem)
+    for by_shares, by_mirror in zip(shares_final, mirror_final):
+        np.testing.assert_allclose(by_mirror, by_shares, rtol=1e-12, atol=1e-12)
+    assert counted.sum() > 60
+    np.testing.assert_allclose(mirror[counted], shares[counted], rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(mirror[counted].sum(axis=-1), 1.0, rtol=1e-12)
+
+
+def test_the_mirror_images_padded_labels_stay_log_zero(xp):
+    """On the mirror image each sequence's padded labels lie below its first state, fed only with
+    "log 0" from beyond the edge. They emit log_epsilon, so what they hold sinks by about that
+    much per frame instead of adding up over ever more paths (``with_mirror_image``)."""
+    problem = random_problem(np.random.default_rng(3), 3, 50, 4, 12, frame_layout="right")
+    problem.label_paddings[:, 2:] = 1.0  # at most two labels: twenty or more padded states each
+    problem.labels[:, 2:] = 0
+    inputs = check_inputs(*(xp.asarray(part) for part in problem), blank_id=0, log_epsilon=-1e5)
+    run = _Problem.of(inputs)
+    lattice = run.lattice(inputs.logits, inputs.logit_padded, inputs.labels, inputs.label_padded, differentiable=False)
+    both, first_state = with_mirror_image(run.xp, lattice)
+    _, (history, _) = run_recursion(run.xp, run.backend.scan, both, keep_history=True, first_state=first_state)
+    mirrored, starts = xp.to_numpy(history[0])[:, 1, ...], xp.to_numpy(first_state)[1]
+    valid_frames = (1 - problem.logit_paddings[:, ::-1]).cumsum(axis=1).T  # mirrored frames seen
+    for sequence, start in enumerate(starts):
+        below = mirrored[:, sequence, :start]
+        assert below.size and np.all(below[valid_frames[:, sequence] >= 2] < -1.9e5), below.max()
+
+
+def test_a_log_epsilon_that_does_not_vanish_in_exp_keeps_the_shares(xp):
+    problem = random_problem(np.random.default_rng(5), 3, 12, 4, 3)
+    ((shares_final, shares), (mirror_final, mirror)), _ = _both_ways(xp, problem, log_epsilon=-50.0)
+    np.testing.assert_array_equal(mirror, shares)
+    for by_shares, by_mirror in zip(shares_final, mirror_final):
+        np.testing.assert_array_equal(by_mirror, by_shares)
