@@ -9,7 +9,7 @@ many times smaller ctc_multi's errors are than each anchor's, measured in the sa
     python benchmarks/accuracy.py --quick    # smaller shapes, seconds
 
 Contenders: ``ctc_multi.ctc_loss_and_grad`` on every installed namespace (numpy,
-array_api_strict, torch, jax under jit), the autodiff path of ``ctc_multi.ctc_loss`` (jax.grad
+array_api_strict, torch, torch with its own ops in the loop as on CUDA, jax under jit), the autodiff path of ``ctc_multi.ctc_loss`` (jax.grad
 through its custom_vjp, torch autograd), ``optax.ctc_loss`` under ``jax.grad`` and
 ``torch.nn.functional.ctc_loss`` after a log_softmax; each where installed. Nothing here
 gates anything: it prints numbers.
@@ -140,12 +140,19 @@ def ctc_multi_explicit(namespace: str) -> Callable:
             return tuple(np.asarray(r) for r in ctc_multi.ctc_loss_and_grad(*arrays))
 
         return run
-    if namespace == "torch":
+    if namespace in ("torch", "torch_ops"):
         import torch
+
+        from ctc_multi.backends import torch as torch_backend
 
         def run(logits, labels):
             arrays = (torch.as_tensor(a) for a in (logits, *_paddings(np, logits, labels)))
-            return tuple(r.numpy() for r in ctc_multi.ctc_loss_and_grad(*arrays))
+            # torch_ops: torch's own ops in the loop (what runs on CUDA), not NumPy's (the CPU default)
+            saved, torch_backend.LOOP_IN_NUMPY_ON_CPU = torch_backend.LOOP_IN_NUMPY_ON_CPU, namespace == "torch"
+            try:
+                return tuple(r.numpy() for r in ctc_multi.ctc_loss_and_grad(*arrays))
+            finally:
+                torch_backend.LOOP_IN_NUMPY_ON_CPU = saved
 
         return run
     import jax
@@ -219,6 +226,7 @@ def contenders() -> dict[str, Callable]:
         found["ctc_multi array_api_strict"] = ctc_multi_explicit("array_api_strict")
     if installed("torch"):
         found["ctc_multi torch"] = ctc_multi_explicit("torch")
+        found["ctc_multi torch (own ops)"] = ctc_multi_explicit("torch_ops")
         found["ctc_multi torch autograd"] = ctc_multi_autodiff("torch")
     if installed("jax"):
         found["ctc_multi jax (jit)"] = ctc_multi_explicit("jax")
