@@ -85,6 +85,7 @@ step benchmark 200 bench_cuda.txt "$PYTHON" benchmarks/run.py --device "$DEVICE"
   --json "$OUT/bench_cuda.json" --plot "$OUT/bench_cuda.png"
 # The JAX backend with the mirror image's single scan for its gradient (run.py --occupancy), to set
 # against its default (the shares) in bench_cuda.txt: on a GPU each loop step costs a launch.
+# (numpy is not run there; torch's own ops take the mirror image by default.)
 step occupancy 60 occupancy_cuda.txt "$PYTHON" benchmarks/run.py --device "$DEVICE" --occupancy mirror --backends jax \
   --shapes "$UNROLL_SHAPES" --repeats 5 --budget 10 --json "$OUT/occupancy_cuda.json"
 step memory 50 memory_cuda.txt "$PYTHON" benchmarks/run.py --memory --device "$DEVICE" --shapes "$MEMORY_SHAPE" --json "$OUT/memory_cuda.json"

@@ -627,12 +627,12 @@ def _names(text: str) -> list[str]:
 
 
 def use_occupancy(way: str, backends) -> None:
-    """Have the jax and torch adapters (those among ``backends``) compute the gradient's
-    occupancies ``way`` ("shares" or "mirror"), whatever their own choice."""
+    """Have the adapters of ``backends`` (and NumPy's, which runs torch's loop on a CPU) compute
+    the gradient's occupancies ``way`` ("shares" or "mirror"), whatever their own choice."""
     from ctc_multi import lattice
 
     function = getattr(lattice, f"forward_and_occupancy_by_{way}")
-    for name in {"jax", "torch"} & {key.removesuffix("_ops") for key in backends}:
+    for name in {"numpy"} | ({"jax", "torch"} & {key.removesuffix("_ops") for key in backends}):
         importlib.import_module(f"ctc_multi.backends.{name}").forward_and_occupancy = function
 
 
@@ -663,9 +663,9 @@ def parse_args(argv=None):
         "--occupancy",
         choices=("default", "shares", "mirror"),
         default="default",
-        help="how the jax and torch backends get the occupancies behind the gradient: each adapter's own (default: "
-        "shares for jax, the mirror image for torch), or the one named for both (ctc_multi.lattice."
-        "forward_and_occupancy_by_shares / _by_mirror; numpy keeps its own). For trying either on a GPU",
+        help="how the backends get the occupancies behind the gradient: each adapter's own (default: the shares for "
+        "numpy and jax, the mirror image for torch's own ops), or the one named for all (ctc_multi.lattice."
+        "forward_and_occupancy_by_shares / _by_mirror)",
     )
     parser.add_argument("--plot", metavar="PATH.png", help="draw time vs T (or vs the swept dimension)")
     mode = parser.add_mutually_exclusive_group()
@@ -701,7 +701,7 @@ def main(argv=None) -> int:
     info = machine(args.device)
     print(describe_machine(info), flush=True)
     if args.occupancy != "default":
-        print(f"occupancies of the jax and torch backends: {args.occupancy}", flush=True)
+        print(f"occupancies of every backend: {args.occupancy}", flush=True)
     data: dict[str, Any] = dict(machine=info, arguments={k: str(v) for k, v in vars(args).items()})
     if args.memory:
         shape_name = (args.shapes or ["long"])[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import shutil
 import sys
@@ -67,3 +68,21 @@ def test_ab_imports_a_commits_package_under_its_own_name_and_times_the_same_call
     own_ops = ab.prepared(earlier, problem, "torch_ops")
     np.testing.assert_allclose(own_ops.to_numpy(own_ops.forward()), new.forward(), rtol=1e-5)
     assert flags and not any(flags) and adapter.LOOP_IN_NUMPY_ON_CPU
+
+
+@pytest.mark.parametrize("way", ["shares", "mirror"])
+def test_occupancy_option_sets_every_chosen_adapters_way(way, monkeypatch):
+    """run.py --occupancy: NumPy's adapter (it runs torch's loop on a CPU) and those of the chosen
+    jax and torch backends compute the occupancies the named way; the others keep theirs."""
+    import ctc_multi.lattice
+
+    runner = load_runner()
+    assert runner.parse_args([]).occupancy == "default"
+    adapters = {name: importlib.import_module(f"ctc_multi.backends.{name}") for name in ("numpy", "jax", "torch") if importlib.util.find_spec(name)}
+    for adapter in adapters.values():  # put back after the test, whatever it sets
+        monkeypatch.setattr(adapter, "forward_and_occupancy", adapter.forward_and_occupancy)
+    before = {name: adapter.forward_and_occupancy for name, adapter in adapters.items()}
+    runner.use_occupancy(way, ["torch_ops"])
+    function = getattr(ctc_multi.lattice, f"forward_and_occupancy_by_{way}")
+    for name, adapter in adapters.items():
+        assert adapter.forward_and_occupancy is (function if name in ("numpy", "torch") else before[name])
