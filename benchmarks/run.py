@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -632,7 +633,8 @@ def use_occupancy(way: str, backends) -> None:
     from ctc_multi import lattice
 
     function = getattr(lattice, f"forward_and_occupancy_by_{way}")
-    for name in {"numpy"} | ({"jax", "torch"} & {key.removesuffix("_ops") for key in backends}):
+    chosen = {"jax", "torch"} & {key.removesuffix("_ops") for key in backends}
+    for name in {"numpy"} | {name for name in chosen if importlib.util.find_spec(name)}:  # not installed: not run
         importlib.import_module(f"ctc_multi.backends.{name}").forward_and_occupancy = function
 
 
