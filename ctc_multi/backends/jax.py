@@ -87,8 +87,9 @@ gather_states = gather_states_by_take  # XLA's gather from the time-major view i
 
 
 # On a CPU XLA is bound by the exp and log of each lattice cell, which the mirror image doubles
-# (see ctc_multi.lattice); on a GPU, where the loop's steps cost more than their arithmetic,
-# the mirror image's single scan is untried.
+# (see ctc_multi.lattice): forward+backward 1.2x to 2x slower with it on `char`, `bpe`, `long`
+# (README, Performance: run.py --occupancy). On a GPU, where each loop step costs a launch, it
+# is untried (benchmarks/gpu_check.sh times it).
 forward_and_occupancy = forward_and_occupancy_by_shares
 
 

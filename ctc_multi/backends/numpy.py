@@ -133,9 +133,9 @@ def gather_states(xp, values, state_classes, replaced=None, replacement=None, fl
     return gathered
 
 
-# Bound by its arithmetic (an exp on a (4, 801) state costs about as much as its dispatch): the
-# mirror image's doubled state and exp/log made the occupancy 1.1x to 1.6x slower on `char`,
-# `bpe` and `long` than the shares and the reverse scan (see ctc_multi.lattice).
+# Bound by its arithmetic (an exp on a (4, 801) state costs about as much as its dispatch): with
+# the mirror image's doubled state and exp/log, ctc_loss_and_grad ran 1.2x to 1.7x slower on
+# `char`, `bpe` and `long` than with the shares (README, Performance: run.py --occupancy).
 forward_and_occupancy = forward_and_occupancy_by_shares
 
 
