@@ -346,9 +346,17 @@ def _accumulate(hi: Array, lo: Array, value: Array) -> tuple[Array, Array]:
 
 
 def _edge_and_penalty(xp, skip_allowed: Array, log_epsilon: float, dtype):
-    """Built once per scan: two log-0 states beyond the lattice's edge, and log_epsilon on
-    forbidden jumps (added rather than selected: one op, and a forbidden jump can't win or count)."""
-    edge_state = xp.full_like(skip_allowed[..., :1], log_epsilon, dtype=dtype)
+    """Built once per scan: two states beyond the lattice's edge, and log_epsilon on forbidden
+    jumps (added rather than selected: one op, and a forbidden jump can't win or count).
+
+    The edge states hold nothing: half the dtype's most negative number, finite (so no
+    ``-inf - -inf``) and far below anything a path holds. Not log_epsilon: the log values are
+    relative to each frame's peak, and a fixed log_epsilon below it, fed into the first state
+    every frame, outweighed the paths once they fell -log_epsilon below a peak held elsewhere
+    (by padded labels that emit with probability one), cutting losses of that size to about
+    -log_epsilon. optax's log 0 is absolute, and feeds nothing in.
+    """
+    edge_state = xp.full_like(skip_allowed[..., :1], float(xp.finfo(dtype).min) / 2, dtype=dtype)
     edge = xp.concat([edge_state, edge_state], axis=-1)
     penalty = xp.where(skip_allowed, xp.zeros_like(skip_allowed, dtype=dtype), xp.full_like(skip_allowed, log_epsilon, dtype=dtype))
     return edge, penalty
@@ -549,8 +557,8 @@ def with_mirror_image(xp, lattice: Lattice) -> tuple[Lattice, Array]:
     S - 1 - s is state s here); its paths start on the last blank (2L), may advance to the last
     label, and skip between the same labels, so the forward recursion over it is Graves et al.'s
     beta. Its arrays are flips of this lattice's. Each sequence's padded labels fall below its
-    first state there, fed only with "log 0" from beyond the edge; they emit ``log_epsilon``, so
-    that "log 0" does not add up over the frames (about k log(t / k) for k states, t frames).
+    first state there and hold only the initial "log 0"; they emit ``log_epsilon``, so that it
+    does not add up over the frames (about k log(t / k) for k states, t frames).
 
     Returns a Lattice of only what :func:`run_recursion` reads, each per-frame array with a new
     axis after the frames' (log_emissions (T, 2, B, S), frame_padded (T, 2, B), skip_allowed

@@ -49,9 +49,9 @@ def test_the_mirror_image_gives_the_occupancies_of_the_shares(xp, frame_layout, 
 
 
 def test_the_mirror_images_padded_labels_stay_log_zero(xp):
-    """On the mirror image each sequence's padded labels lie below its first state, fed only with
-    "log 0" from beyond the edge. They emit log_epsilon, so what they hold sinks by about that
-    much per frame instead of adding up over ever more paths (``with_mirror_image``)."""
+    """On the mirror image each sequence's padded labels lie below its first state and hold only
+    the initial "log 0". They emit log_epsilon, so what they hold sinks by about that much per
+    frame instead of adding up over ever more paths (``with_mirror_image``)."""
     problem = random_problem(np.random.default_rng(3), 3, 50, 4, 12, frame_layout="right")
     problem.label_paddings[:, 2:] = 1.0  # at most two labels: twenty or more padded states each
     problem.labels[:, 2:] = 0

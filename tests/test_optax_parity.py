@@ -29,13 +29,13 @@ OPTAX_CASES = {
 }
 
 
-def optax_outputs(jax_x64, problem, blank_id):
+def optax_outputs(jax_x64, problem, blank_id, log_epsilon=LOG_EPSILON):
     """optax's (loss, logalpha_blank, logalpha_nonblank) in float64, as NumPy arrays."""
     optax = pytest.importorskip("optax", reason="optax is not installed: no parity check against it")
     # Compiled once per shape and blank_id (eager optax re-traces its scan op by op on every call).
     function = jax_x64.jit(optax.ctc_loss_with_forward_probs, static_argnames=("blank_id", "log_epsilon"))
     arrays = [jax_x64.numpy.asarray(a) for a in problem]
-    return tuple(np.asarray(r) for r in function(*arrays, blank_id=blank_id, log_epsilon=LOG_EPSILON))
+    return tuple(np.asarray(r) for r in function(*arrays, blank_id=blank_id, log_epsilon=log_epsilon))
 
 
 @functools.lru_cache(maxsize=None)
@@ -80,6 +80,22 @@ def test_impossible_alignments_like_optax(jax_x64):
     assert_loss_matches_optax(loss, expected_loss)
     assert_log_probs_close(blank, expected_blank, **TOLERANCE["float64"])
     assert_log_probs_close(nonblank, expected_nonblank, **TOLERANCE["float64"])
+
+
+def test_nothing_comes_from_beyond_the_first_state_as_in_optax(xp, jax_x64):
+    """Losses of thousands of nats, beyond -log_epsilon, as optax gives them. Out-of-range padded
+    labels emit with probability one, so their states hold each frame's peak, far above the
+    paths. The states beyond the lattice's first one feed nothing into it; when they held
+    log_epsilon below each frame's peak, that was worth more than the paths after a few hundred
+    frames here and cut these losses to about -log_epsilon."""
+    problem = random_problem(np.random.default_rng(3), 3, 1600, 4, 12, pad_label=-1, frame_layout="right")
+    problem.label_paddings[:, 2:] = 1.0  # at most two labels
+    problem.labels[:, 2:] = -1
+    expected_loss, _, _ = optax_outputs(jax_x64, problem, 0, log_epsilon=-1000.0)
+    assert np.all(expected_loss > 100) and np.any(expected_loss > 2000)
+    arrays, _ = to_backend(xp, problem)
+    loss = ctc_multi.ctc_loss(*arrays, log_epsilon=-1000.0)
+    np.testing.assert_allclose(xp.to_numpy(loss), expected_loss, **TOLERANCE["float64"])
 
 
 def test_forward_probs_reference_follows_optax(jax_x64):
