@@ -9,15 +9,16 @@ many times smaller ctc_multi's errors are than each anchor's, measured in the sa
     python benchmarks/accuracy.py --quick    # smaller shapes, seconds
 
 Contenders: ``ctc_multi.ctc_loss_and_grad`` on every installed namespace (numpy,
-array_api_strict, torch, torch with its own ops in the loop as on CUDA, jax under jit), the autodiff path of ``ctc_multi.ctc_loss`` (jax.grad
-through its custom_vjp, torch autograd), ``optax.ctc_loss`` under ``jax.grad`` and
-``torch.nn.functional.ctc_loss`` after a log_softmax; each where installed. Nothing here
-gates anything: it prints numbers.
+array_api_strict, torch, torch with its own ops in the loop as on CUDA, jax under jit), the
+autodiff path of ``ctc_multi.ctc_loss`` (jax.grad through its custom_vjp, torch autograd),
+``optax.ctc_loss`` under ``jax.grad`` and ``torch.nn.functional.ctc_loss`` after a
+log_softmax; each where installed. Nothing here gates anything: it prints numbers.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import math
 import os
@@ -145,14 +146,14 @@ def ctc_multi_explicit(namespace: str) -> Callable:
 
         from ctc_multi.backends import torch as torch_backend
 
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+        from run import torch_own_ops
+
         def run(logits, labels):
             arrays = (torch.as_tensor(a) for a in (logits, *_paddings(np, logits, labels)))
             # torch_ops: torch's own ops in the loop (what runs on CUDA), not NumPy's (the CPU default)
-            saved, torch_backend.LOOP_IN_NUMPY_ON_CPU = torch_backend.LOOP_IN_NUMPY_ON_CPU, namespace == "torch"
-            try:
+            with torch_own_ops(torch_backend) if namespace == "torch_ops" else contextlib.nullcontext():
                 return tuple(r.numpy() for r in ctc_multi.ctc_loss_and_grad(*arrays))
-            finally:
-                torch_backend.LOOP_IN_NUMPY_ON_CPU = saved
 
         return run
     import jax

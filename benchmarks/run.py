@@ -22,6 +22,7 @@ line tool and this benchmark time exactly the same calls. Shapes come from
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib.metadata
 import importlib.util
@@ -111,19 +112,26 @@ def _from_compare(contender: compare.Contender, name: str, key: str) -> Contende
     return Contender(name, key, contender.anchor, contender.requires, contender.prepare)
 
 
+@contextlib.contextmanager
+def torch_own_ops(torch_backend):
+    """Inside, ctc_multi's torch adapter module ``torch_backend`` (or an earlier version's:
+    ``ab.py``) keeps torch's own ops in its loop: ``LOOP_IN_NUMPY_ON_CPU`` off, which on a CPU
+    otherwise hands the loss and its gradient to NumPy's loop (what runs on CUDA, measured on a
+    CPU: ``run.py``'s ``torch_ops``, ``accuracy.py``'s "torch (own ops)")."""
+    saved, torch_backend.LOOP_IN_NUMPY_ON_CPU = torch_backend.LOOP_IN_NUMPY_ON_CPU, False
+    try:
+        yield
+    finally:
+        torch_backend.LOOP_IN_NUMPY_ON_CPU = saved
+
+
 def with_torch_ops(prepared: compare.Prepared, torch_backend) -> compare.Prepared:
-    """``prepared`` (a contender of the torch backend) run with torch's own ops in its loop:
-    ``torch_backend.LOOP_IN_NUMPY_ON_CPU`` off during each call, which on a CPU otherwise hands
-    the loss and its gradient to NumPy's loop. ``torch_backend`` is ctc_multi's torch adapter
-    module (or an earlier version's: ``ab.py``)."""
+    """``prepared`` (a contender of the torch backend) with each call under :func:`torch_own_ops`."""
 
     def with_own_ops(function):
         def run():
-            saved, torch_backend.LOOP_IN_NUMPY_ON_CPU = torch_backend.LOOP_IN_NUMPY_ON_CPU, False
-            try:
+            with torch_own_ops(torch_backend):
                 return function()
-            finally:
-                torch_backend.LOOP_IN_NUMPY_ON_CPU = saved
 
         return run
 

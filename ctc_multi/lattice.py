@@ -588,12 +588,12 @@ def forward_and_occupancy_by_mirror(xp, scan: Scan, lattice: Lattice, *, frames_
     gamma_t(s) is alpha_t(s) beta_t(s) / y_t(s) (Graves et al. 2006, eq. 14; both hold the
     emission y_t(s)), normalised over each frame's states: the offsets of the two scans cancel,
     so float32 keeps its accuracy over any number of frames (gradient errors against float64
-    within 2.5x of the shares' in ``benchmarks/accuracy.py``). The loop runs half as many steps as the shares and the reverse scan
-    together, each on a state twice as large and with the plain step's exp and log: faster where
-    each operation costs a dispatch or a kernel launch (torch's own ops on a CPU: forward+backward
-    1.0x to 1.6x faster, README, Performance), slower where the arithmetic is the cost (NumPy, XLA on a CPU). It holds
-    (T, 2, B, S) emissions and states where the shares hold two (T, B, S) arrays: about twice
-    the memory.
+    within 2.5x of the shares' in ``benchmarks/accuracy.py``). The loop runs half as many steps
+    as the shares and the reverse scan together, each on a state twice as large and with the
+    plain step's exp and log: faster where each operation costs a dispatch or a kernel launch
+    (torch's own ops on a CPU: forward+backward 1.0x to 1.6x faster, README, Performance),
+    slower where the arithmetic is the cost (NumPy, XLA on a CPU). It holds (T, 2, B, S)
+    emissions and states where the shares hold two (T, B, S) arrays: about twice the memory.
 
     Beta's "log 0" must vanish in exp as -inf would, or paths that start on it are counted
     (the forward recursion has such paths too, which the shares follow exactly): with a

@@ -12,9 +12,8 @@ from ctc_multi.lattice import forward_and_occupancy_by_mirror, forward_and_occup
 from ctc_multi.losses import _Problem
 
 
-def _both_ways(xp, problem, *, log_epsilon=-1e5, dtype="float64"):
-    """Each way's (final carry, occupancy) as NumPy arrays, run by xp's own scan, and the
-    (T, B) valid frames of the sequences that can be aligned."""
+def _lattice(xp, problem, *, log_epsilon=-1e5, dtype="float64"):
+    """``problem`` validated on xp's backend: (the _Problem that runs it, its lattice)."""
     inputs = check_inputs(
         xp.asarray(problem.logits, dtype=xp.dtype(dtype)),
         xp.asarray(problem.logit_paddings),
@@ -24,7 +23,13 @@ def _both_ways(xp, problem, *, log_epsilon=-1e5, dtype="float64"):
         log_epsilon=log_epsilon,
     )
     run = _Problem.of(inputs)
-    lattice = run.lattice(inputs.logits, inputs.logit_padded, inputs.labels, inputs.label_padded, differentiable=False)
+    return run, run.lattice(inputs.logits, inputs.logit_padded, inputs.labels, inputs.label_padded, differentiable=False)
+
+
+def _both_ways(xp, problem, *, log_epsilon=-1e5):
+    """Each way's (final carry, occupancy) as NumPy arrays, run by xp's own scan, and the
+    (T, B) valid frames of the sequences that can be aligned."""
+    run, lattice = _lattice(xp, problem, log_epsilon=log_epsilon)
     results = []
     for way in (forward_and_occupancy_by_shares, forward_and_occupancy_by_mirror):
         final, occupancy = way(run.xp, run.backend.scan, lattice, frames_per_step=run.backend.FRAMES_PER_STEP)
@@ -55,9 +60,7 @@ def test_the_mirror_images_padded_labels_stay_log_zero(xp):
     problem = random_problem(np.random.default_rng(3), 3, 50, 4, 12, frame_layout="right")
     problem.label_paddings[:, 2:] = 1.0  # at most two labels: twenty or more padded states each
     problem.labels[:, 2:] = 0
-    inputs = check_inputs(*(xp.asarray(part) for part in problem), blank_id=0, log_epsilon=-1e5)
-    run = _Problem.of(inputs)
-    lattice = run.lattice(inputs.logits, inputs.logit_padded, inputs.labels, inputs.label_padded, differentiable=False)
+    run, lattice = _lattice(xp, problem)
     both, first_state = with_mirror_image(run.xp, lattice)
     _, (history, _) = run_recursion(run.xp, run.backend.scan, both, keep_history=True, first_state=first_state)
     mirrored, starts = xp.to_numpy(history[0])[:, 1, ...], xp.to_numpy(first_state)[1]
