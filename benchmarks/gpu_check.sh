@@ -4,22 +4,25 @@
 #   OUT=/some/folder bash benchmarks/gpu_check.sh            # on the GPU machine
 #   OUT=/tmp/out bash benchmarks/gpu_check.sh --dry-run      # anywhere: CPU, small shape, quick
 #
-# Writes everything under $OUT: environment.txt, tests_cuda.txt, unroll_cuda.txt, bench_cuda.txt
-# (+ .json, .png), occupancy_cuda.txt (+ .json), memory_cuda.txt, tests_all.txt, summary.txt.
+# Each step writes its own files (environment.txt, tests_cuda.txt, bench_cuda.txt + .json, .png,
+# tests_all.txt, occupancy_cuda.txt + .json, unroll_cuda.txt, memory_cuda.txt + .json) into a
+# scratch folder ($WORK); $OUT gets three files, since the device tool brings back at most 8: summary.txt,
+# bench_cuda.txt and gpu_check.tgz (all of them), packed on exit whatever happened.
 # Steps run in order of value, each under its own timeout taken from one overall budget
-# (BUDGET_S, default 480 s), so a slow or hung step costs only its share and whatever finished
-# still comes back:
+# (BUDGET_S, default 500 s; a lent machine has 15 minutes in all, its start included), so a slow
+# or hung step costs only its share and whatever finished still comes back:
 #   1. environment (nvidia-smi, versions, devices)
 #   2. the GPU-specific tests (tests/test_cuda.py: torch CUDA and jax GPU against the reference)
-#   3. jax fwd+bwd against optax for several loop unrolls (benchmarks/gpu_unroll.py)
-#   4. the benchmark on every named shape, big included, anchors (optax, torch native, cuDNN) in the same run
-#   5. jax fwd+bwd with the occupancies of the mirror image instead of the shares (run.py --occupancy)
-#   6. peak memory of jax fwd+bwd on `long`, ctc_multi vs optax, each in a fresh process
-#   7. the whole test suite (JAX tests run on the GPU there: jax puts new arrays on it by default)
+#   3. the benchmark on every named shape, big included, anchors (optax, torch native, cuDNN) in the same run
+#   4. the whole test suite (JAX tests run on the GPU there: jax puts new arrays on it by default)
+#   5. jax fwd+bwd with the occupancies of the shares instead of its GPU default, the mirror image
+#   6. jax fwd+bwd against optax for several loop unrolls (benchmarks/gpu_unroll.py)
+#   7. peak memory of jax fwd+bwd on `long`, ctc_multi vs optax, each in a fresh process
+# On the H100 (commit 371c01c) steps 2, 3, 4 took 21, 179 and about 150 s; 5 more than 60 s.
 #
 # ctc_multi runs from this checkout (PYTHONPATH), nothing is installed. Pure-Python test
-# dependencies missing on the machine (array-api-compat is required; pytest, hypothesis,
-# array-api-strict for the tests) can be brought along: here, run
+# dependencies missing on the machine (array-api-compat is required, array-api-strict is for the
+# tests; the lent H100 had pytest, xdist and hypothesis, not those two) can be brought along: here, run
 #   pip install --no-deps --target benchmarks/results/vendor array-api-compat hypothesis array-api-strict \
 #     sortedcontainers attrs pytest iniconfig pluggy packaging pytest-xdist execnet
 # (hypothesis has a compiled part: add the one for the machine's Python, 3.12 on the lent
@@ -30,15 +33,21 @@ set -u
 : "${OUT:?set OUT to the folder whose files come back}"
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
+WORK=$(mktemp -d)  # the steps' files, packed into $OUT on exit
+pack() {
+  cp "$WORK/summary.txt" "$WORK/bench_cuda.txt" "$OUT/" 2>/dev/null
+  tar czf "$OUT/gpu_check.tgz" -C "$WORK" .
+}
+trap pack EXIT
 
 DRY_RUN=0
 [ "${1:-}" = "--dry-run" ] && DRY_RUN=1
-BUDGET_S=${BUDGET_S:-480}
+BUDGET_S=${BUDGET_S:-500}
 VENDOR=${VENDOR:-benchmarks/results/vendor}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 [ -d "$VENDOR" ] && export PYTHONPATH="$PYTHONPATH:$PWD/$VENDOR"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false  # jax takes GPU memory as it needs it: the peaks mean something
-PYTHON=${PYTHON:-python}
+PYTHON=${PYTHON:-$(command -v python || command -v python3)}  # the lent machines have python3 only
 
 if [ "$DRY_RUN" = 1 ]; then
   DEVICE=cpu; SHAPES=small; REPEATS=5; MEMORY_SHAPE=small; UNROLL_SHAPES=small; SUITE="tests/test_sharding.py tests/test_cuda.py"
@@ -47,7 +56,7 @@ else
 fi
 
 STARTED=$SECONDS
-summary() { echo "$*" | tee -a "$OUT/summary.txt"; }
+summary() { echo "$*" | tee -a "$WORK/summary.txt"; }
 # step NAME CAP_SECONDS OUTPUT_FILE COMMAND...: run under min(CAP, what is left of the budget)
 step() {
   local name=$1 cap=$2 file=$3; shift 3
@@ -55,7 +64,7 @@ step() {
   local limit=$((cap < left ? cap : left))
   if [ "$limit" -lt 20 ]; then summary "SKIPPED $name: budget spent"; return; fi
   local t0=$SECONDS
-  timeout --kill-after=10 "$limit" "$@" >"$OUT/$file" 2>&1
+  timeout --kill-after=10 "$limit" "$@" >"$WORK/$file" 2>&1
   local rc=$?
   local verdict=ok; [ $rc = 124 ] && verdict="TIMED OUT after ${limit}s"; [ $rc != 0 ] && [ $rc != 124 ] && verdict="exit $rc"
   summary "$(printf '%-12s %-22s %4ss  (%s)' "$name" "$verdict" $((SECONDS - t0)) "$file")"
@@ -76,23 +85,23 @@ try:
     import torch; print("torch cuda:", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "", "cudnn", torch.backends.cudnn.version())
 except Exception as error: print("torch:", error)
 EOF
-} >"$OUT/environment.txt" 2>&1
-summary "$(grep -E 'MISSING|devices|cuda' "$OUT/environment.txt" | tr '\n' ';')"
+} >"$WORK/environment.txt" 2>&1
+summary "$(grep -E 'MISSING|devices|cuda' "$WORK/environment.txt" | tr '\n' ';')"
 
 step cuda-tests 90 tests_cuda.txt "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py
-step unroll 90 unroll_cuda.txt "$PYTHON" benchmarks/gpu_unroll.py --shapes "$UNROLL_SHAPES"
-step benchmark 200 bench_cuda.txt "$PYTHON" benchmarks/run.py --device "$DEVICE" --shapes "$SHAPES" --repeats "$REPEATS" --budget 15 \
-  --json "$OUT/bench_cuda.json" --plot "$OUT/bench_cuda.png"
-# The JAX backend with the mirror image's single scan for its gradient (run.py --occupancy), to set
-# against its default (the shares) in bench_cuda.txt: on a GPU each loop step costs a launch.
-# (numpy is not run there; torch's own ops take the mirror image by default.)
-step occupancy 60 occupancy_cuda.txt "$PYTHON" benchmarks/run.py --device "$DEVICE" --occupancy mirror --backends jax \
-  --shapes "$UNROLL_SHAPES" --repeats 5 --budget 10 --json "$OUT/occupancy_cuda.json"
-step memory 50 memory_cuda.txt "$PYTHON" benchmarks/run.py --memory --device "$DEVICE" --shapes "$MEMORY_SHAPE" --json "$OUT/memory_cuda.json"
+step benchmark 220 bench_cuda.txt "$PYTHON" benchmarks/run.py --device "$DEVICE" --shapes "$SHAPES" --repeats "$REPEATS" --budget 15 \
+  --json "$WORK/bench_cuda.json" --plot "$WORK/bench_cuda.png"
 XDIST=""; "$PYTHON" -c "import xdist" 2>/dev/null && XDIST="-n 8"
 # shellcheck disable=SC2086  # XDIST and SUITE are lists
-step all-tests 150 tests_all.txt "$PYTHON" -m pytest -q -x -p no:cacheprovider $XDIST $SUITE
+step all-tests 200 tests_all.txt "$PYTHON" -m pytest -q -x -p no:cacheprovider $XDIST $SUITE
+# The JAX backend with the shares and a reverse scan for its gradient (run.py --occupancy), to set
+# against its GPU default (the mirror image's one scan) in bench_cuda.txt.
+# (numpy is not run there; torch's own ops take the mirror image everywhere.)
+step occupancy 110 occupancy_cuda.txt "$PYTHON" benchmarks/run.py --device "$DEVICE" --occupancy shares --backends jax \
+  --shapes "$UNROLL_SHAPES" --repeats 5 --budget 5 --json "$WORK/occupancy_cuda.json"
+step unroll 90 unroll_cuda.txt "$PYTHON" benchmarks/gpu_unroll.py --shapes "$UNROLL_SHAPES"
+step memory 50 memory_cuda.txt "$PYTHON" benchmarks/run.py --memory --device "$DEVICE" --shapes "$MEMORY_SHAPE" --json "$WORK/memory_cuda.json"
 
-tail -n 30 "$OUT/bench_cuda.txt" >>"$OUT/summary.txt" 2>/dev/null
-tail -n 3 "$OUT/tests_all.txt" >>"$OUT/summary.txt" 2>/dev/null
+tail -n 30 "$WORK/bench_cuda.txt" >>"$WORK/summary.txt" 2>/dev/null
+tail -n 3 "$WORK/tests_all.txt" >>"$WORK/summary.txt" 2>/dev/null
 summary "total $((SECONDS - STARTED))s"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import BACKENDS
 from helpers import random_problem
 
 from ctc_multi.inputs import check_inputs
@@ -76,3 +77,21 @@ def test_a_log_epsilon_that_does_not_vanish_in_exp_keeps_the_shares(xp):
     np.testing.assert_array_equal(mirror, shares)
     for by_shares, by_mirror in zip(shares_final, mirror_final):
         np.testing.assert_array_equal(by_mirror, by_shares)
+
+
+@pytest.mark.parametrize("platform", ["cpu", "gpu"])
+def test_jax_takes_the_shares_on_a_cpu_and_the_mirror_image_on_a_gpu(jax_x64, monkeypatch, platform):
+    """The JAX adapter picks its way by ``jax.default_backend()``: the shares where XLA is bound
+    by the arithmetic, the mirror image's one scan where each loop step costs launches (README,
+    Performance). The two ways differ in their last bits here, so the exact match names the way."""
+    import jax
+
+    import ctc_multi.backends.jax as adapter
+
+    xp = BACKENDS["jax"][1]()
+    monkeypatch.setattr(jax, "default_backend", lambda: platform)
+    run, lattice = _lattice(xp, random_problem(np.random.default_rng(11), 4, 20, 5, 6))
+    shares, mirror = (xp.to_numpy(way(run.xp, run.backend.scan, lattice)[1]) for way in (forward_and_occupancy_by_shares, forward_and_occupancy_by_mirror))
+    assert not np.array_equal(shares, mirror)
+    chosen = xp.to_numpy(adapter.forward_and_occupancy(run.xp, run.backend.scan, lattice)[1])
+    np.testing.assert_array_equal(chosen, shares if platform == "cpu" else mirror)

@@ -31,7 +31,7 @@ Each adapter module provides:
 * ``forward_and_occupancy(xp, scan, lattice, *, frames_per_step)``: the forward recursion's
   final carry and the (T, B, S) occupancies: :func:`ctc_multi.lattice.forward_and_occupancy_by_shares`
   where the arithmetic is the cost, :func:`ctc_multi.lattice.forward_and_occupancy_by_mirror`
-  where each operation's dispatch is;
+  where each operation's dispatch or launch is (JAX picks by platform: the shares on a CPU);
 * ``detach(x)``: ``x`` cut from any autodiff graph (explicit gradients need none);
 * ``compiled(function, num_static)``: ``function`` compiled for its first ``num_static``
   (hashable) arguments where the framework compiles (``jax.jit``), else ``function`` itself.

@@ -6,7 +6,7 @@ import functools
 
 import jax
 
-from ..lattice import forward_and_occupancy_by_shares, gather_states_by_take, log_softmax_of_frames_by_where, per_class_sum_by_matmul, zero_frames_by_where
+from ..lattice import forward_and_occupancy_by_mirror, forward_and_occupancy_by_shares, gather_states_by_take, log_softmax_of_frames_by_where, per_class_sum_by_matmul, zero_frames_by_where
 
 NAME = "jax"
 INDEX_DTYPE_NAME = "int32"  # int64 needs jax_enable_x64
@@ -16,8 +16,10 @@ INDEX_DTYPE_NAME = "int32"  # int64 needs jax_enable_x64
 # forward step ends in a row maximum, which keeps XLA from fusing unrolled steps, and 4 runs
 # 1.2-1.4x faster than 1 on `long`; the reverse (occupancy) step has no such break, and unrolled
 # copies fuse into one kernel that recomputes each step's shifted neighbours (2.7x slower at 4).
-# On a GPU each loop iteration costs a launch and a predicate read, so unrolling pays both ways
-# (H100, char: 1.9x optax at 1, 3.4x at 8; README, Performance).
+# On a GPU each loop iteration costs a launch and a predicate read, so unrolling pays (H100,
+# forward+backward by the shares against optax at 1, 4, 8, 16 both ways: char 1.8, 3.0, 2.0,
+# 2.0x; long 2.7, 4.1, 2.8, 2.8x; big 2.1, 4.8, 5.4, 4.8x; benchmarks/gpu_unroll.py). There the
+# gradient takes the mirror image (below), a forward scan only, measured at 8.
 UNROLL = {"cpu": (4, 1)}
 UNROLL_ELSEWHERE = (8, 8)
 
@@ -86,11 +88,18 @@ log_softmax_of_frames = log_softmax_of_frames_by_where  # unused: JAX gathers, t
 gather_states = gather_states_by_take  # XLA's gather from the time-major view is fast
 
 
-# On a CPU XLA is bound by the exp and log of each lattice cell, which the mirror image doubles
-# (see ctc_multi.lattice): forward+backward 1.2x to 2x slower with it on `char`, `bpe`, `long`
-# (README, Performance: run.py --occupancy). On a GPU, where each loop step costs a launch, it
-# is untried (benchmarks/gpu_check.sh times it).
-forward_and_occupancy = forward_and_occupancy_by_shares
+# The gradient's occupancies by platform (see ctc_multi.lattice). On a CPU XLA is bound by the
+# exp and log of each lattice cell, which the mirror image doubles: forward+backward 1.2x to 2x
+# slower with it on `char`, `bpe`, `long`. On a GPU each loop step costs launches, and the mirror
+# image's one scan replaces the shares' two (H100, forward+backward against optax: 6.8x, 11.6x,
+# 6.6x on char, long, big, where the shares gave 2.2x, 3.0x, 5.1x; README, Performance).
+OCCUPANCY = {"cpu": forward_and_occupancy_by_shares}
+OCCUPANCY_ELSEWHERE = forward_and_occupancy_by_mirror
+
+
+def forward_and_occupancy(xp, scan, lattice, *, frames_per_step=1):
+    way = OCCUPANCY.get(jax.default_backend(), OCCUPANCY_ELSEWHERE)
+    return way(xp, scan, lattice, frames_per_step=frames_per_step)
 
 
 def numpy_views(arrays):
