@@ -12,7 +12,7 @@ import functools
 
 import numpy as np
 import pytest
-from conftest import TOLERANCE
+from conftest import BACKENDS, TOLERANCE
 from helpers import (
     LOG_EPSILON,
     Problem,
@@ -116,6 +116,47 @@ def test_loss_and_grad_match_reference(xp, case, dtype):
     expected_loss, expected_grad = ctc_reference(*held, blank_id=blank_id)
     np.testing.assert_allclose(loss, expected_loss, **TOLERANCE[dtype])
     np.testing.assert_allclose(grad, expected_grad, **TOLERANCE[f"gradient_{dtype}"])
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("case", ["anywhere_padding", "blank_inside", "confident"])
+def test_jax_as_on_a_gpu_matches_reference(jax_x64, monkeypatch, case, dtype):
+    """Off a CPU the JAX adapter takes the gradient's occupancies from the mirror image
+    (``OCCUPANCY_ELSEWHERE``), a path the ``xp`` tests run only on a GPU. Here it runs on the
+    CPU, ``jax.default_backend()`` patched and JAX's caches cleared on both sides (the way is
+    chosen when a function is traced), for ctc_loss_and_grad and jax.grad of ctc_loss."""
+    import jax
+
+    import ctc_multi.backends.jax as adapter
+    from ctc_multi.lattice import forward_and_occupancy_by_mirror
+
+    assert adapter.OCCUPANCY_ELSEWHERE is forward_and_occupancy_by_mirror
+    calls = []
+
+    def counted(*args, **options):
+        calls.append(1)
+        return forward_and_occupancy_by_mirror(*args, **options)
+
+    monkeypatch.setattr(adapter, "OCCUPANCY_ELSEWHERE", counted)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    jax.clear_caches()
+    try:
+        xp = BACKENDS["jax"][1]()
+        config = dict(CASES[case])
+        shape = [config.pop(name) for name in ("B", "T", "K", "N")]
+        problem = random_problem(np.random.default_rng(90 + sorted(CASES).index(case)), *shape, **config)
+        blank_id = config.get("blank_id", 0)
+        loss, grad, held = loss_and_grad(xp, problem, dtype, blank_id=blank_id)
+        arrays, _ = to_backend(xp, problem, dtype)
+        autodiff_grad = xp.to_numpy(jax.jit(jax.grad(summed_loss(blank_id=blank_id)))(*arrays))
+    finally:
+        jax.clear_caches()
+    assert len(calls) == 2, "the mirror image was not taken"
+    expected_loss, expected_grad = ctc_reference(*held, blank_id=blank_id)
+    np.testing.assert_allclose(loss, expected_loss, **TOLERANCE[dtype])
+    for gradient in (grad, autodiff_grad):
+        np.testing.assert_allclose(gradient, expected_grad, **TOLERANCE[f"gradient_{dtype}"])
+        assert_gradient_structure(gradient, held.logit_paddings, atol=TOLERANCE[f"gradient_{dtype}"]["atol"])
 
 
 @pytest.mark.parametrize("num_classes", [5, 300])  # the one-hot sum and the scatter-add
