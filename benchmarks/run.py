@@ -674,7 +674,7 @@ def parse_args(argv=None):
         choices=("default", "shares", "mirror"),
         default="default",
         help="how the backends get the occupancies behind the gradient: each adapter's own (default: the shares for "
-        "numpy and jax, the mirror image for torch's own ops), or the one named for all (ctc_multi.lattice."
+        "numpy and for jax on a CPU, the mirror image for torch's own ops and for jax elsewhere), or the one named for all (ctc_multi.lattice."
         "forward_and_occupancy_by_shares / _by_mirror)",
     )
     parser.add_argument("--plot", metavar="PATH.png", help="draw time vs T (or vs the swept dimension)")
