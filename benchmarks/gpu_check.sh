@@ -5,9 +5,10 @@
 #   OUT=/tmp/out bash benchmarks/gpu_check.sh --dry-run      # anywhere: CPU, small shape, quick
 #
 # Each step writes its own files (environment.txt, tests_cuda.txt, bench_cuda.txt + .json, .png,
-# tests_all.txt, occupancy_cuda.txt + .json, unroll_cuda.txt, memory_cuda.txt + .json) into a
-# scratch folder ($WORK); $OUT gets three files, since the device tool brings back at most 8: summary.txt,
-# bench_cuda.txt and gpu_check.tgz (all of them), packed on exit whatever happened.
+# tests_all.txt, torch_graph_cuda.txt, occupancy_cuda.txt + .json, unroll_cuda.txt,
+# memory_cuda.txt + .json) into a scratch folder ($WORK); $OUT gets three files, since the device
+# tool brings back at most 8: summary.txt, bench_cuda.txt and gpu_check.tgz (all of them), packed
+# on exit whatever happened.
 # Steps run in order of value, each under its own timeout taken from one overall budget
 # (BUDGET_S, default 500 s; a lent machine has 15 minutes in all, its start included), so a slow
 # or hung step costs only its share and whatever finished still comes back:
@@ -15,9 +16,10 @@
 #   2. the GPU-specific tests (tests/test_cuda.py: torch CUDA and jax GPU against the reference)
 #   3. the benchmark on every named shape, big included, anchors (optax, torch native, cuDNN) in the same run
 #   4. the whole test suite (JAX tests run on the GPU there: jax puts new arrays on it by default)
-#   5. jax fwd+bwd with the occupancies of the shares instead of its GPU default, the mirror image
-#   6. jax fwd+bwd against optax for several loop unrolls (benchmarks/gpu_unroll.py)
-#   7. peak memory of jax fwd+bwd on `long`, ctc_multi vs optax, each in a fresh process
+#   5. the torch backend replayed from a CUDA graph against eager calls (benchmarks/gpu_torch_graph.py)
+#   6. jax fwd+bwd with the occupancies of the shares instead of its GPU default, the mirror image
+#   7. jax fwd+bwd against optax for several loop unrolls (benchmarks/gpu_unroll.py)
+#   8. peak memory of jax fwd+bwd on `long`, ctc_multi vs optax, each in a fresh process
 # On the H100 (commit 371c01c) steps 2, 3, 4 took 21, 179 and about 150 s; 5 more than 60 s.
 #
 # ctc_multi runs from this checkout (PYTHONPATH), nothing is installed. Pure-Python test
@@ -94,6 +96,7 @@ step benchmark 220 bench_cuda.txt "$PYTHON" benchmarks/run.py --device "$DEVICE"
 XDIST=""; "$PYTHON" -c "import xdist" 2>/dev/null && XDIST="-n 8"
 # shellcheck disable=SC2086  # XDIST and SUITE are lists
 step all-tests 200 tests_all.txt "$PYTHON" -m pytest -q -x -p no:cacheprovider $XDIST $SUITE
+step torch-graph 60 torch_graph_cuda.txt "$PYTHON" benchmarks/gpu_torch_graph.py --shapes "$UNROLL_SHAPES"
 # The JAX backend with the shares and a reverse scan for its gradient (run.py --occupancy), to set
 # against its GPU default (the mirror image's one scan) in bench_cuda.txt.
 # (numpy is not run there; torch's own ops take the mirror image everywhere.)

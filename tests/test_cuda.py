@@ -63,3 +63,56 @@ def test_loss_and_gradients_on_the_gpu(run_on_gpu):
         np.testing.assert_allclose(actual, expected_loss, **TOLERANCE["float32"])
     for actual in (grad, grad_too):
         np.testing.assert_allclose(actual, expected_grad, **TOLERANCE["gradient_float32"])
+
+
+def test_torch_loss_and_grad_replay_from_a_cuda_graph():
+    """``ctc_loss_and_grad`` captured once in a CUDA graph, then replayed on other logits copied
+    into the captured input, gives what eager calls give: the torch loop reads no value from the
+    GPU while a stream captures (the input checks are skipped then, as under torch.compile), so
+    a training step can replay it without the loop's per-frame launches from Python."""
+    if not installed("torch"):
+        pytest.skip("torch is not installed in this environment")
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("torch sees no CUDA device")
+    first, second = (random_problem(SHAPES["small"], seed=seed, dtype="float32") for seed in (5, 6))  # second: its logits
+    static = [torch.as_tensor(a, device="cuda") for a in first]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream, as torch.cuda.graph asks
+        ctc_multi.ctc_loss_and_grad(*static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = ctc_multi.ctc_loss_and_grad(*static)
+
+    replayed = []
+    for problem in (first, second):
+        static[0].copy_(torch.as_tensor(problem.logits, device="cuda"))
+        graph.replay()
+        torch.cuda.synchronize()
+        eager = ctc_multi.ctc_loss_and_grad(*static)
+        for from_graph, from_eager in zip(captured, eager):
+            np.testing.assert_allclose(from_graph.cpu().numpy(), from_eager.cpu().numpy(), **TOLERANCE["float32"])
+        replayed.append(captured[0].cpu().numpy().copy())
+    assert not np.allclose(replayed[0], replayed[1]), "the replay did not read the new logits"
+
+
+def test_torch_reads_no_values_of_cuda_tensors_while_a_stream_captures(monkeypatch):
+    """The adapter's side of the test above, which runs here too: ``is_concrete`` is False for a
+    CUDA tensor while a capture is under way (checked through a stand-in, since CPU builds of
+    torch have no capture), and stays True for CPU tensors and outside a capture."""
+    if not installed("torch"):
+        pytest.skip("torch is not installed in this environment")
+    import types
+
+    import torch
+
+    import ctc_multi.backends.torch as adapter
+
+    on_cuda, on_cpu = types.SimpleNamespace(is_cuda=True), torch.zeros(2)
+    for capturing in (True, False):
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda capturing=capturing: capturing)
+        assert adapter.is_concrete(on_cuda) is not capturing
+        assert adapter.is_concrete(on_cpu) is True

@@ -27,7 +27,11 @@ def scan(step, init, xs, *, reverse=False):
 
 
 def is_concrete(x) -> bool:
-    return not torch.compiler.is_compiling()
+    """False under torch.compile and while a CUDA stream captures a graph (``torch.cuda.graph``),
+    where reading a value would break the trace or the capture: the input checks are skipped."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (getattr(x, "is_cuda", False) and torch.cuda.is_current_stream_capturing())
 
 
 class _ExplicitGradient(torch.autograd.Function):
