@@ -38,6 +38,7 @@ CHILD = textwrap.dedent(
     from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
     import ctc_multi
     from ctc_multi.shapes import Shape, random_problem
+    WAY_SETUP
 
     problem = random_problem(Shape("sharded", B=8, T=60, K=NUM_CLASSES, N=15), seed=3, dtype="float64")
     unsharded = [jnp.asarray(a) for a in problem]
@@ -88,10 +89,24 @@ MESHES = ["auto", "explicit"]
 CLASS_COUNTS = {"few classes (one-hot matmul)": 12, "many classes (scatter-add)": 200}
 
 
-@pytest.fixture(scope="module", params=list(CLASS_COUNTS.values()), ids=list(CLASS_COUNTS))
+# The gradient's occupancies: this CPU's way (the shares), and the mirror image that the JAX
+# adapter takes on GPUs (ctc_multi.backends.jax.OCCUPANCY), forced here in the child process.
+WAYS = {
+    "shares": "pass",
+    "mirror image, as on GPUs": "import ctc_multi.backends.jax, ctc_multi.lattice; "
+    "ctc_multi.backends.jax.OCCUPANCY['cpu'] = ctc_multi.lattice.forward_and_occupancy_by_mirror",
+}
+
+
+@pytest.fixture(
+    scope="module",
+    params=[(classes, way) for classes in CLASS_COUNTS.values() for way in WAYS],
+    ids=[f"{name}, {way}" for name in CLASS_COUNTS for way in WAYS],
+)
 def sharded_run(request) -> dict:
+    num_classes, way = request.param
     environment = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES}", JAX_PLATFORMS="cpu")
-    child = CHILD.replace("DEVICES", str(DEVICES)).replace("NUM_CLASSES", str(request.param))
+    child = CHILD.replace("DEVICES", str(DEVICES)).replace("NUM_CLASSES", str(num_classes)).replace("WAY_SETUP", WAYS[way])
     done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, env=environment)
     assert done.returncode == 0, f"the sharded run failed:\n{done.stderr[-4000:]}"
     result = json.loads(done.stdout.strip().splitlines()[-1])
