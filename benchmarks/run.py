@@ -706,11 +706,10 @@ def main(argv=None) -> int:
         import torch
 
         torch.set_num_threads(args.torch_threads)
-    if args.occupancy != "default":
-        use_occupancy(args.occupancy, args.backends)
     info = machine(args.device)
     print(describe_machine(info), flush=True)
     if args.occupancy != "default":
+        use_occupancy(args.occupancy, args.backends)
         print(f"occupancies of every backend: {args.occupancy}", flush=True)
     data: dict[str, Any] = dict(machine=info, arguments={k: str(v) for k, v in vars(args).items()})
     if args.memory:

@@ -110,9 +110,9 @@ class _Problem:
     def forward_with_residuals(self, *arrays):
         """(B,) loss and, as the one residual the backward pass needs, the (B, T, K) gradient of
         each sequence's loss, from the occupancies of the backend's ``forward_and_occupancy``:
-        NumPy and JAX record each state's shares in the forward scan that gives the loss and
-        turn them into occupancies with one reverse scan of multiplies and adds; torch scans the
-        lattice and its mirror image at once (``forward_and_occupancy_by_shares`` and
+        NumPy, and JAX on a CPU, record each state's shares in the forward scan that gives the
+        loss and turn them into occupancies with one reverse scan of multiplies and adds; torch,
+        and JAX elsewhere, scan the lattice and its mirror image at once (``forward_and_occupancy_by_shares`` and
         ``forward_and_occupancy_by_mirror`` in :mod:`ctc_multi.lattice`)."""
         xp = self.xp
         lattice = self.lattice(*arrays, differentiable=False)

@@ -18,14 +18,20 @@ import ctc_multi
 from ctc_multi.shapes import SHAPES, random_problem
 
 
-def _torch_on_gpu(problem):
-    """(loss, autodiff grad, ctc_loss_and_grad's loss and grad, devices of all four)."""
+def _torch_with_cuda():
+    """The torch module, or a skip where torch or a CUDA device is missing."""
     if not installed("torch"):
         pytest.skip("torch is not installed in this environment")
     import torch
 
     if not torch.cuda.is_available():
         pytest.skip("torch sees no CUDA device")
+    return torch
+
+
+def _torch_on_gpu(problem):
+    """(loss, autodiff grad, ctc_loss_and_grad's loss and grad, devices of all four)."""
+    torch = _torch_with_cuda()
     logits, *others = (torch.as_tensor(a, device="cuda") for a in problem)
     leaf = logits.clone().requires_grad_(True)
     loss = ctc_multi.ctc_loss(leaf, *others)
@@ -70,12 +76,7 @@ def test_torch_loss_and_grad_replay_from_a_cuda_graph():
     into the captured input, gives what eager calls give: the torch loop reads no value from the
     GPU while a stream captures (the input checks are skipped then, as under torch.compile), so
     a training step can replay it without the loop's per-frame launches from Python."""
-    if not installed("torch"):
-        pytest.skip("torch is not installed in this environment")
-    import torch
-
-    if not torch.cuda.is_available():
-        pytest.skip("torch sees no CUDA device")
+    torch = _torch_with_cuda()
     first, second = (random_problem(SHAPES["small"], seed=seed, dtype="float32") for seed in (5, 6))  # second: its logits
     static = [torch.as_tensor(a, device="cuda") for a in first]
     side = torch.cuda.Stream()

@@ -105,13 +105,18 @@ CASES = {
 }
 
 
+def case_problem(case: str, seed: int) -> tuple[Problem, int]:
+    """The random problem of ``CASES[case]`` (seed ``seed`` plus the case's rank) and its blank_id."""
+    config = dict(CASES[case])
+    shape = [config.pop(name) for name in ("B", "T", "K", "N")]
+    problem = random_problem(np.random.default_rng(seed + sorted(CASES).index(case)), *shape, **config)
+    return problem, config.get("blank_id", 0)
+
+
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_loss_and_grad_match_reference(xp, case, dtype):
-    config = dict(CASES[case])
-    shape = [config.pop(name) for name in ("B", "T", "K", "N")]
-    problem = random_problem(np.random.default_rng(40 + sorted(CASES).index(case)), *shape, **config)
-    blank_id = config.get("blank_id", 0)
+    problem, blank_id = case_problem(case, 40)
     loss, grad, held = loss_and_grad(xp, problem, dtype, blank_id=blank_id)
     expected_loss, expected_grad = ctc_reference(*held, blank_id=blank_id)
     np.testing.assert_allclose(loss, expected_loss, **TOLERANCE[dtype])
@@ -142,10 +147,7 @@ def test_jax_as_on_a_gpu_matches_reference(jax_x64, monkeypatch, case, dtype):
     jax.clear_caches()
     try:
         xp = BACKENDS["jax"][1]()
-        config = dict(CASES[case])
-        shape = [config.pop(name) for name in ("B", "T", "K", "N")]
-        problem = random_problem(np.random.default_rng(90 + sorted(CASES).index(case)), *shape, **config)
-        blank_id = config.get("blank_id", 0)
+        problem, blank_id = case_problem(case, 90)
         loss, grad, held = loss_and_grad(xp, problem, dtype, blank_id=blank_id)
         arrays, _ = to_backend(xp, problem, dtype)
         autodiff_grad = xp.to_numpy(jax.jit(jax.grad(summed_loss(blank_id=blank_id)))(*arrays))
