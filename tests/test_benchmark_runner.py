@@ -86,3 +86,37 @@ def test_occupancy_option_sets_every_chosen_adapters_way(way, monkeypatch):
     function = getattr(ctc_multi.lattice, f"forward_and_occupancy_by_{way}")
     for name, adapter in adapters.items():
         assert adapter.forward_and_occupancy is (function if name in ("numpy", "torch") else before[name])
+
+
+def load_floor():
+    load_runner()  # floor.py imports run.py from its folder, as ab.py does
+    sys.modules["run"] = sys.modules["benchmark_runner"]
+    spec = importlib.util.spec_from_file_location("benchmark_floor", RUNNER.parent / "floor.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_floor_times_the_librarys_own_recursion_and_halves_only_the_loop_steps():
+    """benchmarks/floor.py: its "recursion alone" is the forward of ctc_loss (the loss read from
+    its final carry is ctc_loss's, to rounding), and its halved sizes keep the lattice cells."""
+    pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    import ctc_multi
+    from ctc_multi.lattice import loss_from_final_state
+    from ctc_multi.shapes import SHAPES, random_problem
+
+    floor = load_floor()
+    arrays = random_problem(SHAPES["small"], seed=3)
+    problem, lattice, recursion = floor.timed_recursion(arrays)
+    final = recursion(lattice.log_emissions, lattice.frame_padded, lattice.skip_allowed)
+    from_carry = loss_from_final_state(jnp, lattice, final, problem.index_dtype)
+    expected = ctc_multi.ctc_loss(*(jnp.asarray(a) for a in arrays))
+    np.testing.assert_allclose(np.asarray(from_carry), np.asarray(expected), rtol=1e-6)
+    assert float(np.min(np.asarray(expected))) > 1.0  # real losses, not a degenerate problem
+
+    for shape in SHAPES.values():
+        half = floor.halved_shape(shape)
+        assert (half.B, half.K, half.N) == (2 * shape.B, shape.K, shape.N)
+        assert half.B * half.T == shape.B * shape.T  # every named T is even: the same cells

@@ -1,0 +1,120 @@
+"""Where JAX's CPU time goes, and what halving the loop's steps would buy.
+
+    python benchmarks/floor.py                          # shapes char and long
+    python benchmarks/floor.py --shapes long --repeats 11
+
+Part 1, the recursion alone: the lattice of a random problem is built once, then the
+library's own forward recursion (:func:`ctc_multi.lattice.run_recursion` with the JAX
+adapter's scan: log semiring, no shares, no history) is timed under ``jax.jit`` on it, in the
+same interleaved rounds as the whole forward (``ctc_loss``) and optax's forward and
+forward+backward. A target of 3x optax leaves optax's time / 3 for everything: where the
+recursion alone takes more, nothing outside it can reach the target.
+
+Part 2, halved: the same problem sizes as a batch twice as large over half the frames, so the
+same number of lattice cells in half as many loop steps. That is the most that alpha and beta
+meeting in the middle (one scan of T/2 steps over a (2, B, S) state) could buy: JAX
+``ctc_loss`` and ``value_and_grad``, NumPy ``ctc_loss_and_grad``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import run  # noqa: E402  (benchmarks/run.py: the timing loop)
+
+import ctc_multi  # noqa: E402
+from ctc_multi.shapes import SHAPES, Shape, random_problem  # noqa: E402
+
+
+def timed_recursion(arrays):
+    """The JAX problem of ``arrays`` (NumPy or JAX), its lattice, built once, and a jitted
+    function of the lattice's per-frame arrays that runs the library's forward recursion alone
+    (:func:`ctc_multi.lattice.run_recursion`, the JAX adapter's scan and frames per step) and
+    returns its final carry."""
+    import jax
+    import jax.numpy as jnp
+
+    from ctc_multi.inputs import check_inputs
+    from ctc_multi.lattice import run_recursion
+    from ctc_multi.losses import _Problem
+
+    inputs = check_inputs(*(jnp.asarray(a) for a in arrays), blank_id=0, log_epsilon=-1e5)
+    problem = _Problem.of(inputs)
+    lattice = problem.lattice(inputs.logits, inputs.logit_padded, inputs.labels, inputs.label_padded, differentiable=False)
+
+    @jax.jit
+    def recursion(log_emissions, frame_padded, skip_allowed):
+        rows = replace(lattice, log_emissions=log_emissions, frame_padded=frame_padded, skip_allowed=skip_allowed)
+        return run_recursion(jnp, problem.backend.scan, rows, frames_per_step=problem.backend.FRAMES_PER_STEP)[0]
+
+    return problem, lattice, recursion
+
+
+def recursion_alone(shape: Shape, repeats: int, budget_s: float) -> dict[str, float]:
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    arrays = tuple(jnp.asarray(a) for a in random_problem(shape, seed=0))
+    _, lattice, recursion = timed_recursion(arrays)
+    loss = jax.jit(ctc_multi.ctc_loss)
+    optax_loss = jax.jit(optax.ctc_loss)
+    optax_grad = jax.jit(jax.value_and_grad(lambda *a: optax.ctc_loss(*a).sum()))
+    functions = {
+        "recursion alone": lambda: jax.block_until_ready(recursion(lattice.log_emissions, lattice.frame_padded, lattice.skip_allowed)),
+        "ctc_multi fwd": lambda: jax.block_until_ready(loss(*arrays)),
+        "optax fwd": lambda: jax.block_until_ready(optax_loss(*arrays)),
+        "optax fwd+bwd": lambda: jax.block_until_ready(optax_grad(*arrays)),
+    }
+    return {key: t.median_ms for key, t in run.interleaved_timings(functions, repeats=repeats, budget_s=budget_s).items()}
+
+
+def halved_shape(shape: Shape) -> Shape:
+    """The same lattice cells in half the loop steps: twice the batch over half the frames."""
+    return Shape(f"{shape.name} halved", B=2 * shape.B, T=max(1, shape.T // 2), K=shape.K, N=shape.N)
+
+
+def halved(shape: Shape, repeats: int, budget_s: float) -> dict[str, float]:
+    import jax
+    import jax.numpy as jnp
+
+    problems = {"whole": random_problem(shape, seed=0), "halved": random_problem(halved_shape(shape), seed=0)}
+    loss = jax.jit(ctc_multi.ctc_loss)
+    grad = jax.jit(jax.value_and_grad(lambda *a: ctc_multi.ctc_loss(*a).sum()))
+    functions = {}
+    for name, problem in problems.items():
+        on_jax = tuple(jnp.asarray(a) for a in problem)
+        functions[f"jax fwd, {name}"] = lambda a=on_jax: jax.block_until_ready(loss(*a))
+        functions[f"jax fwd+bwd, {name}"] = lambda a=on_jax: jax.block_until_ready(grad(*a))
+        functions[f"numpy ctc_loss_and_grad, {name}"] = lambda a=problem: ctc_multi.ctc_loss_and_grad(*a)
+    return {key: t.median_ms for key, t in run.interleaved_timings(functions, repeats=repeats, budget_s=budget_s).items()}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shapes", default="char,long", help="comma-separated names from ctc_multi.shapes.SHAPES")
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--budget", type=float, default=60.0, help="seconds per part and shape before the rounds stop at the minimum")
+    args = parser.parse_args(argv)
+    for name in args.shapes.split(","):
+        if name not in SHAPES:
+            parser.error(f"--shapes: unknown shape {name!r}; choose from {', '.join(SHAPES)}")
+        shape = SHAPES[name]
+        for part in (recursion_alone, halved):
+            times = part(shape, args.repeats, args.budget)
+            print(f"{shape}, {part.__name__.replace('_', ' ')} (ms, median of {args.repeats}):")
+            for key, ms in times.items():
+                print(f"  {key:40s} {ms:8.1f}")
+            if part is recursion_alone:
+                budget = times["optax fwd"] / 3, times["optax fwd+bwd"] / 3
+                print(f"  3x optax leaves {budget[0]:.1f} ms for the forward, {budget[1]:.1f} ms for forward+backward")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
