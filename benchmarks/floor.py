@@ -55,7 +55,7 @@ def timed_recursion(arrays):
     return problem, lattice, recursion
 
 
-def recursion_alone(shape: Shape, repeats: int, budget_s: float) -> dict[str, float]:
+def recursion_alone(shape: Shape, repeats: int, budget_s: float) -> dict[str, run.Timing]:
     import jax
     import jax.numpy as jnp
     import optax
@@ -71,7 +71,7 @@ def recursion_alone(shape: Shape, repeats: int, budget_s: float) -> dict[str, fl
         "optax fwd": lambda: jax.block_until_ready(optax_loss(*arrays)),
         "optax fwd+bwd": lambda: jax.block_until_ready(optax_grad(*arrays)),
     }
-    return {key: t.median_ms for key, t in run.interleaved_timings(functions, repeats=repeats, budget_s=budget_s).items()}
+    return run.interleaved_timings(functions, repeats=repeats, budget_s=budget_s)
 
 
 def halved_shape(shape: Shape) -> Shape:
@@ -79,7 +79,7 @@ def halved_shape(shape: Shape) -> Shape:
     return Shape(f"{shape.name} halved", B=2 * shape.B, T=max(1, shape.T // 2), K=shape.K, N=shape.N)
 
 
-def halved(shape: Shape, repeats: int, budget_s: float) -> dict[str, float]:
+def halved(shape: Shape, repeats: int, budget_s: float) -> dict[str, run.Timing]:
     import jax
     import jax.numpy as jnp
 
@@ -92,7 +92,7 @@ def halved(shape: Shape, repeats: int, budget_s: float) -> dict[str, float]:
         functions[f"jax fwd, {name}"] = lambda a=on_jax: jax.block_until_ready(loss(*a))
         functions[f"jax fwd+bwd, {name}"] = lambda a=on_jax: jax.block_until_ready(grad(*a))
         functions[f"numpy ctc_loss_and_grad, {name}"] = lambda a=problem: ctc_multi.ctc_loss_and_grad(*a)
-    return {key: t.median_ms for key, t in run.interleaved_timings(functions, repeats=repeats, budget_s=budget_s).items()}
+    return run.interleaved_timings(functions, repeats=repeats, budget_s=budget_s)
 
 
 def main(argv=None) -> int:
@@ -101,17 +101,18 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--budget", type=float, default=60.0, help="seconds per part and shape before the rounds stop at the minimum")
     args = parser.parse_args(argv)
-    for name in args.shapes.split(","):
-        if name not in SHAPES:
-            parser.error(f"--shapes: unknown shape {name!r}; choose from {', '.join(SHAPES)}")
-        shape = SHAPES[name]
+    names = args.shapes.split(",")
+    unknown = [name for name in names if name not in SHAPES]
+    if unknown:
+        parser.error(f"--shapes: unknown shape(s) {', '.join(map(repr, unknown))}; choose from {', '.join(SHAPES)}")
+    for shape in (SHAPES[name] for name in names):
         for part in (recursion_alone, halved):
-            times = part(shape, args.repeats, args.budget)
-            print(f"{shape}, {part.__name__.replace('_', ' ')} (ms, median of {args.repeats}):")
-            for key, ms in times.items():
-                print(f"  {key:40s} {ms:8.1f}")
+            timings = part(shape, args.repeats, args.budget)
+            print(f"{shape}, {part.__name__.replace('_', ' ')} (ms, median of the calls):")
+            for key, timing in timings.items():
+                print(f"  {key:40s} {timing.median_ms:8.1f}  ({timing.repeats} calls)")
             if part is recursion_alone:
-                budget = times["optax fwd"] / 3, times["optax fwd+bwd"] / 3
+                budget = timings["optax fwd"].median_ms / 3, timings["optax fwd+bwd"].median_ms / 3
                 print(f"  3x optax leaves {budget[0]:.1f} ms for the forward, {budget[1]:.1f} ms for forward+backward")
     return 0
 
