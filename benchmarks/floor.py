@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import run  # noqa: E402  (benchmarks/run.py: the timing loop)
 
-import ctc_multi  # noqa: E402
+from ctc_multi import compare  # noqa: E402
 from ctc_multi.shapes import SHAPES, Shape, random_problem  # noqa: E402
 
 
@@ -41,9 +41,9 @@ def timed_recursion(arrays):
 
     from ctc_multi.inputs import check_inputs
     from ctc_multi.lattice import run_recursion
-    from ctc_multi.losses import _Problem
+    from ctc_multi.losses import DEFAULT_LOG_EPSILON, _Problem
 
-    inputs = check_inputs(*(jnp.asarray(a) for a in arrays), blank_id=0, log_epsilon=-1e5)
+    inputs = check_inputs(*(jnp.asarray(a) for a in arrays), blank_id=0, log_epsilon=DEFAULT_LOG_EPSILON)
     problem = _Problem.of(inputs)
     lattice = problem.lattice(inputs.logits, inputs.logit_padded, inputs.labels, inputs.label_padded, differentiable=False)
 
@@ -55,21 +55,23 @@ def timed_recursion(arrays):
     return problem, lattice, recursion
 
 
+def prepared(contender: str, problem) -> compare.Prepared:
+    """``ctc-multi compare``'s contender of that name ("jax", "numpy", "optax.ctc_loss") on the CPU."""
+    contenders = {**compare.BACKENDS, **{anchor.name: anchor for anchor in compare.ANCHORS}}
+    return contenders[contender].prepare(compare.Case(problem, blank_id=0, source="benchmarks/floor.py"), "cpu")
+
+
 def recursion_alone(shape: Shape, repeats: int, budget_s: float) -> dict[str, run.Timing]:
     import jax
-    import jax.numpy as jnp
-    import optax
 
-    arrays = tuple(jnp.asarray(a) for a in random_problem(shape, seed=0))
-    _, lattice, recursion = timed_recursion(arrays)
-    loss = jax.jit(ctc_multi.ctc_loss)
-    optax_loss = jax.jit(optax.ctc_loss)
-    optax_grad = jax.jit(jax.value_and_grad(lambda *a: optax.ctc_loss(*a).sum()))
+    problem = random_problem(shape, seed=0)
+    _, lattice, recursion = timed_recursion(problem)
+    ours, optax = prepared("jax", problem), prepared("optax.ctc_loss", problem)
     functions = {
         "recursion alone": lambda: jax.block_until_ready(recursion(lattice.log_emissions, lattice.frame_padded, lattice.skip_allowed)),
-        "ctc_multi fwd": lambda: jax.block_until_ready(loss(*arrays)),
-        "optax fwd": lambda: jax.block_until_ready(optax_loss(*arrays)),
-        "optax fwd+bwd": lambda: jax.block_until_ready(optax_grad(*arrays)),
+        "ctc_multi fwd": ours.forward,
+        "optax fwd": optax.forward,
+        "optax fwd+bwd": optax.forward_backward,
     }
     return run.interleaved_timings(functions, repeats=repeats, budget_s=budget_s)
 
@@ -80,18 +82,13 @@ def halved_shape(shape: Shape) -> Shape:
 
 
 def halved(shape: Shape, repeats: int, budget_s: float) -> dict[str, run.Timing]:
-    import jax
-    import jax.numpy as jnp
-
-    problems = {"whole": random_problem(shape, seed=0), "halved": random_problem(halved_shape(shape), seed=0)}
-    loss = jax.jit(ctc_multi.ctc_loss)
-    grad = jax.jit(jax.value_and_grad(lambda *a: ctc_multi.ctc_loss(*a).sum()))
     functions = {}
-    for name, problem in problems.items():
-        on_jax = tuple(jnp.asarray(a) for a in problem)
-        functions[f"jax fwd, {name}"] = lambda a=on_jax: jax.block_until_ready(loss(*a))
-        functions[f"jax fwd+bwd, {name}"] = lambda a=on_jax: jax.block_until_ready(grad(*a))
-        functions[f"numpy ctc_loss_and_grad, {name}"] = lambda a=problem: ctc_multi.ctc_loss_and_grad(*a)
+    for name, sizes in (("whole", shape), ("halved", halved_shape(shape))):
+        problem = random_problem(sizes, seed=0)
+        on_jax, on_numpy = prepared("jax", problem), prepared("numpy", problem)
+        functions[f"jax fwd, {name}"] = on_jax.forward
+        functions[f"jax fwd+bwd, {name}"] = on_jax.forward_backward
+        functions[f"numpy ctc_loss_and_grad, {name}"] = on_numpy.forward_backward
     return run.interleaved_timings(functions, repeats=repeats, budget_s=budget_s)
 
 

@@ -33,10 +33,12 @@ def test_each_mode_has_its_own_default_json():
     assert explicit.json == Path("elsewhere.json")
 
 
-def load_ab():
-    load_runner()  # ab.py imports run.py from its folder; loaded here under the name it uses
+def load_beside_runner(file_name: str):
+    """A script of benchmarks/ that imports run.py from its folder (ab.py, floor.py), with run.py
+    loaded first under the name the script uses."""
+    load_runner()
     sys.modules["run"] = sys.modules["benchmark_runner"]
-    spec = importlib.util.spec_from_file_location("benchmark_ab", RUNNER.parent / "ab.py")
+    spec = importlib.util.spec_from_file_location(f"benchmark_{Path(file_name).stem}", RUNNER.parent / file_name)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -50,7 +52,7 @@ def test_ab_imports_a_commits_package_under_its_own_name_and_times_the_same_call
     import ctc_multi
     from ctc_multi.shapes import SHAPES, random_problem
 
-    ab = load_ab()
+    ab = load_beside_runner("ab.py")
     earlier = ab.import_at("HEAD")
     assert earlier.__name__.startswith("ctc_multi_at_") and earlier is not ctc_multi
     problem = random_problem(SHAPES["small"], 0, "float32")
@@ -88,15 +90,6 @@ def test_occupancy_option_sets_every_chosen_adapters_way(way, monkeypatch):
         assert adapter.forward_and_occupancy is (function if name in ("numpy", "torch") else before[name])
 
 
-def load_floor():
-    load_runner()  # floor.py imports run.py from its folder, as ab.py does
-    sys.modules["run"] = sys.modules["benchmark_runner"]
-    spec = importlib.util.spec_from_file_location("benchmark_floor", RUNNER.parent / "floor.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_floor_times_the_librarys_own_recursion_and_halves_only_the_loop_steps():
     """benchmarks/floor.py: its "recursion alone" is the forward of ctc_loss (the loss read from
     its final carry is ctc_loss's, to rounding), and its halved sizes keep the lattice cells."""
@@ -107,7 +100,7 @@ def test_floor_times_the_librarys_own_recursion_and_halves_only_the_loop_steps()
     from ctc_multi.lattice import loss_from_final_state
     from ctc_multi.shapes import SHAPES, random_problem
 
-    floor = load_floor()
+    floor = load_beside_runner("floor.py")
     arrays = random_problem(SHAPES["small"], seed=3)
     problem, lattice, recursion = floor.timed_recursion(arrays)
     final = recursion(lattice.log_emissions, lattice.frame_padded, lattice.skip_allowed)

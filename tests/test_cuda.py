@@ -18,12 +18,18 @@ import ctc_multi
 from ctc_multi.shapes import SHAPES, random_problem
 
 
-def _torch_with_cuda():
-    """The torch module, or a skip where torch or a CUDA device is missing."""
+def _torch():
+    """The torch module, or a skip where torch is not installed."""
     if not installed("torch"):
         pytest.skip("torch is not installed in this environment")
     import torch
 
+    return torch
+
+
+def _torch_with_cuda():
+    """The torch module, or a skip where torch or a CUDA device is missing."""
+    torch = _torch()
     if not torch.cuda.is_available():
         pytest.skip("torch sees no CUDA device")
     return torch
@@ -104,12 +110,9 @@ def test_torch_reads_no_values_of_cuda_tensors_while_a_stream_captures(monkeypat
     """The adapter's side of the test above, which runs here too: ``is_concrete`` is False for a
     CUDA tensor while a capture is under way (checked through a stand-in, since CPU builds of
     torch have no capture), and stays True for CPU tensors and outside a capture."""
-    if not installed("torch"):
-        pytest.skip("torch is not installed in this environment")
     import types
 
-    import torch
-
+    torch = _torch()
     import ctc_multi.backends.torch as adapter
 
     on_cuda, on_cpu = types.SimpleNamespace(is_cuda=True), torch.zeros(2)
