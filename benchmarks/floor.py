@@ -5,10 +5,13 @@
 
 Part 1, the recursion alone: the lattice of a random problem is built once, then the
 library's own forward recursion (:func:`ctc_multi.lattice.run_recursion` with the JAX
-adapter's scan: log semiring, no shares, no history) is timed under ``jax.jit`` on it, in the
-same interleaved rounds as the whole forward (``ctc_loss``) and optax's forward and
-forward+backward. A target of 3x optax leaves optax's time / 3 for everything: where the
-recursion alone takes more, nothing outside it can reach the target.
+adapter's scan: log semiring, no shares, no history, the emissions gathered beforehand) is
+timed under ``jax.jit`` on it, in the same interleaved rounds as the whole forward
+(``ctc_loss``) and optax's forward and forward+backward. A target of 3x optax leaves optax's time / 3 for everything: where the
+recursion alone takes more, nothing outside it can reach the target. Beside it, a bare scan
+over the same frames (:func:`bare_scan`): no lattice arithmetic, only what every step of a
+renormalised recursion pays, the loop itself, each frame's emissions added and its maximum
+taken off.
 
 Part 2, halved: the same problem sizes as a batch twice as large over half the frames, so the
 same number of lattice cells in half as many loop steps. That is the most that alpha and beta
@@ -32,20 +35,23 @@ from ctc_multi.shapes import SHAPES, Shape, random_problem  # noqa: E402
 
 
 def timed_recursion(arrays):
-    """The JAX problem of ``arrays`` (NumPy or JAX), its lattice, built once, and a jitted
-    function of the lattice's per-frame arrays that runs the library's forward recursion alone
+    """The JAX problem of ``arrays`` (NumPy or JAX), its lattice, built once with all its
+    emissions gathered (:func:`ctc_multi.lattice.with_all_emissions`; ``ctc_loss`` gathers them
+    in the scan on a CPU), and a jitted function of the lattice's per-frame arrays that runs the
+    library's forward recursion alone
     (:func:`ctc_multi.lattice.run_recursion`, the JAX adapter's scan and frames per step) and
     returns its final carry."""
     import jax
     import jax.numpy as jnp
 
     from ctc_multi.inputs import check_inputs
-    from ctc_multi.lattice import run_recursion
+    from ctc_multi.lattice import run_recursion, with_all_emissions
     from ctc_multi.losses import DEFAULT_LOG_EPSILON, _Problem
 
     inputs = check_inputs(*(jnp.asarray(a) for a in arrays), blank_id=0, log_epsilon=DEFAULT_LOG_EPSILON)
     problem = _Problem.of(inputs)
     lattice = problem.lattice(inputs.logits, inputs.logit_padded, inputs.labels, inputs.label_padded, differentiable=False)
+    lattice = with_all_emissions(jnp, lattice)  # all gathered here, none in the timed scan
 
     @jax.jit
     def recursion(log_emissions, frame_padded, skip_allowed):
@@ -53,6 +59,29 @@ def timed_recursion(arrays):
         return run_recursion(jnp, problem.backend.scan, rows, frames_per_step=problem.backend.FRAMES_PER_STEP)[0]
 
     return problem, lattice, recursion
+
+
+def bare_scan(scan):
+    """A jitted function of the (T, B, S) emissions and (T, B) padded flags that scans them with
+    the adapter's ``scan`` and a step that only adds each frame's emissions (keeping the state on
+    a padded frame) and takes off the state's maximum into a running offset: the floor under any
+    recursion whose state is renormalised every frame. It computes nothing about paths."""
+    import jax
+    import jax.numpy as jnp
+
+    def step(carry, frame):
+        state, offset = carry
+        emissions, padded = frame
+        state = jnp.where(padded[:, None], state, state + emissions)
+        peak = jnp.max(state, axis=-1)
+        return (state - peak[:, None], offset + peak), None
+
+    @jax.jit
+    def scanned(log_emissions, frame_padded):
+        start = jnp.zeros_like(log_emissions[0, ...])
+        return scan(step, (start, start[:, 0]), (log_emissions, frame_padded))[0]
+
+    return scanned
 
 
 def prepared(contender: str, problem) -> compare.Prepared:
@@ -65,10 +94,12 @@ def recursion_alone(shape: Shape, repeats: int, budget_s: float) -> dict[str, ru
     import jax
 
     problem = random_problem(shape, seed=0)
-    _, lattice, recursion = timed_recursion(problem)
+    jax_problem, lattice, recursion = timed_recursion(problem)
+    bare = bare_scan(jax_problem.backend.scan)
     ours, optax = prepared("jax", problem), prepared("optax.ctc_loss", problem)
     functions = {
         "recursion alone": lambda: jax.block_until_ready(recursion(lattice.log_emissions, lattice.frame_padded, lattice.skip_allowed)),
+        "bare scan": lambda: jax.block_until_ready(bare(lattice.log_emissions, lattice.frame_padded)),
         "ctc_multi fwd": ours.forward,
         "optax fwd": optax.forward,
         "optax fwd+bwd": optax.forward_backward,

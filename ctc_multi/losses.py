@@ -84,6 +84,7 @@ class _Problem:
             normalise_before_gather=self.backend.NORMALISE_BEFORE_GATHER,
             log_softmax_of_frames=self.backend.log_softmax_of_frames,
             differentiable=differentiable,
+            gather_in_scan=self.backend.gather_in_scan(logits.shape[0] * logits.shape[1] * (2 * labels.shape[1] + 1)),
         )
 
     def recursion(self, lattice, **options):

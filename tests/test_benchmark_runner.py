@@ -92,7 +92,8 @@ def test_occupancy_option_sets_every_chosen_adapters_way(way, monkeypatch):
 
 def test_floor_times_the_librarys_own_recursion_and_halves_only_the_loop_steps():
     """benchmarks/floor.py: its "recursion alone" is the forward of ctc_loss (the loss read from
-    its final carry is ctc_loss's, to rounding), and its halved sizes keep the lattice cells."""
+    its final carry is ctc_loss's, to rounding), its bare scan adds up every valid frame, and its
+    halved sizes keep the lattice cells."""
     pytest.importorskip("jax")
     import jax.numpy as jnp
 
@@ -108,6 +109,14 @@ def test_floor_times_the_librarys_own_recursion_and_halves_only_the_loop_steps()
     expected = ctc_multi.ctc_loss(*(jnp.asarray(a) for a in arrays))
     np.testing.assert_allclose(np.asarray(from_carry), np.asarray(expected), rtol=1e-6)
     assert float(np.min(np.asarray(expected))) > 1.0  # real losses, not a degenerate problem
+
+    # The bare scan visits every frame: its state plus its offset is each state's sum of the
+    # emissions over the valid frames (padded ones kept out), to float32 rounding.
+    state, offset = floor.bare_scan(problem.backend.scan)(lattice.log_emissions, lattice.frame_padded)
+    valid = ~np.asarray(lattice.frame_padded)[:, :, None]
+    summed = np.sum(np.where(valid, np.asarray(lattice.log_emissions, dtype=np.float64), 0.0), axis=0)
+    assert np.any(~valid)  # some padded frames, or keeping them out is not tested
+    np.testing.assert_allclose(np.asarray(state) + np.asarray(offset)[:, None], summed, rtol=1e-4)
 
     for shape in SHAPES.values():
         half = floor.halved_shape(shape)

@@ -90,11 +90,15 @@ CLASS_COUNTS = {"few classes (one-hot matmul)": 12, "many classes (scatter-add)"
 
 
 # The gradient's occupancies: this CPU's way (the shares), and the mirror image that the JAX
-# adapter takes on GPUs (ctc_multi.backends.jax.OCCUPANCY), forced here in the child process.
+# adapter takes on GPUs (ctc_multi.backends.jax.OCCUPANCY), forced here in the child process;
+# and the shares with the lattice's emissions gathered frame by frame in the scan.
 WAYS = {
     "shares": "pass",
     "mirror image, as on GPUs": "import ctc_multi.backends.jax, ctc_multi.lattice; "
     "ctc_multi.backends.jax.OCCUPANCY['cpu'] = ctc_multi.lattice.forward_and_occupancy_by_mirror",
+    # Each frame's emissions gathered in the scan, as on a CPU from 2**21 lattice cells
+    # (ctc_multi.backends.jax.GATHER_IN_SCAN_MIN_CELLS), forced here for this small problem.
+    "shares, emissions gathered in the scan": "import ctc_multi.backends.jax; ctc_multi.backends.jax.GATHER_IN_SCAN_MIN_CELLS['cpu'] = 0",
 }
 
 

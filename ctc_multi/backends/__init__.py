@@ -9,6 +9,10 @@ Each adapter module provides:
 * ``NORMALISE_BEFORE_GATHER``: whether the (B, T, K) logits get their log-softmax before the
   lattice's gather, rather than the gathered (T, B, S) values after it (see
   :func:`ctc_multi.lattice.build_lattice`);
+* ``gather_in_scan(num_cells)``: whether, for a lattice of ``num_cells`` = T * B * S cells, the
+  scan gathers each frame's emissions as it reaches it rather than the lattice all of them
+  beforehand (see :func:`ctc_multi.lattice.build_lattice`; only where the logits are gathered
+  before they are normalised);
 * ``INDEX_DTYPE_NAME``: the integer dtype its gathers want for indices;
 * ``with_explicit_gradient(forward, forward_with_residuals, backward)``: a function of
   ``(logits, *others)`` returning ``forward(logits, *others)`` whose gradient, where the
@@ -51,6 +55,7 @@ ADAPTER_NAMES = (
     "is_concrete",
     "FRAMES_PER_STEP",
     "NORMALISE_BEFORE_GATHER",
+    "gather_in_scan",
     "INDEX_DTYPE_NAME",
     "with_explicit_gradient",
     "subtract_per_class",

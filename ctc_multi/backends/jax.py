@@ -33,6 +33,20 @@ NORMALISE_BEFORE_GATHER = False
 # Lattice frames per scan step (see ctc_multi.lattice.run_recursion).
 FRAMES_PER_STEP = 1
 
+# From how many lattice cells (T * B * S) the scan gathers each frame's emissions itself
+# (ctc_multi.lattice.build_lattice), by platform. On a CPU that spares each call a new (T, B, S)
+# array (every page of it a fault) and a pass over it, and costs a gather per loop step. In
+# `benchmarks/ab.py` runs against commit 7662029, the forward on `char` (3.2M cells) ran 1.3x to
+# 1.45x faster and on `long` (6.4M) 1.25x to 1.55x (four runs; forward+backward 1.15x, two
+# runs); on `bpe` (1.0M) and `vocab5k` (0.3M) the same, on `small` (33k) 0.9x to 0.95x. Not
+# measured on a GPU, which keeps the whole gather (the mirror image reads it all anyway).
+GATHER_IN_SCAN_MIN_CELLS = {"cpu": 2**21}
+
+
+def gather_in_scan(num_cells: int) -> bool:
+    threshold = GATHER_IN_SCAN_MIN_CELLS.get(jax.default_backend())
+    return threshold is not None and num_cells >= threshold
+
 
 def scan(step, init, xs, *, reverse=False):
     unroll = UNROLL.get(jax.default_backend(), UNROLL_ELSEWHERE)[1 if reverse else 0]

@@ -22,6 +22,10 @@ NORMALISE_BEFORE_GATHER = True
 FRAMES_PER_STEP = 8
 
 
+def gather_in_scan(num_cells: int) -> bool:
+    return False  # normalised before the gather, which takes a block of frames at a time
+
+
 def scan(step, init, xs, *, reverse=False):
     return python_loop_scan(step, init, xs, reverse=reverse, stack=_stack)
 
