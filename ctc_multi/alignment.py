@@ -223,7 +223,7 @@ def _posteriors(problem: _Problem, *arrays):
 def _posteriors_here(problem: _Problem, *arrays):
     xp = problem.xp
     lattice = problem.lattice(*arrays)
-    _, occupancy = problem.occupancy(lattice)  # (T, B, S)
-    posteriors = xp.permute_dims(occupancy[:, :, 1::2], (1, 0, 2))  # odd states emit the labels
+    _, occupancy = problem.occupancy(lattice)  # (T, B, N + 1): the blanks' total, then the labels
+    posteriors = xp.permute_dims(occupancy[:, :, 1:], (1, 0, 2))
     counts = lattice.feasible[:, None, None] & ~lattice.logit_padded[:, :, None]
     return xp.where(counts, posteriors, xp.zeros_like(posteriors))

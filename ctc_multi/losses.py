@@ -92,7 +92,7 @@ class _Problem:
         return run_recursion(self.xp, self.backend.scan, lattice, frames_per_step=self.backend.FRAMES_PER_STEP, **options)
 
     def occupancy(self, lattice):
-        """(final carry, (T, B, S) occupancy) by this backend's ``forward_and_occupancy``, scan and frames per step."""
+        """(final carry, (T, B, N + 1) occupancy by column) by this backend's ``forward_and_occupancy``, scan and frames per step."""
         return self.backend.forward_and_occupancy(self.xp, self.backend.scan, lattice, frames_per_step=self.backend.FRAMES_PER_STEP)
 
     def _loss(self, lattice, final):

@@ -33,7 +33,7 @@ Each adapter module provides:
   ``losses._Problem.where_the_loop_runs_fastest``), else None, and ``from_numpy(x)``: one
   result of that run as the framework's array;
 * ``forward_and_occupancy(xp, scan, lattice, *, frames_per_step)``: the forward recursion's
-  final carry and the (T, B, S) occupancies: :func:`ctc_multi.lattice.forward_and_occupancy_by_shares`
+  final carry and the (T, B, N + 1) occupancies (:func:`ctc_multi.lattice.by_column`): :func:`ctc_multi.lattice.forward_and_occupancy_by_shares`
   where the arithmetic is the cost, :func:`ctc_multi.lattice.forward_and_occupancy_by_mirror`
   where each operation's dispatch or launch is (JAX picks by platform: the shares on a CPU);
 * ``detach(x)``: ``x`` cut from any autodiff graph (explicit gradients need none);
