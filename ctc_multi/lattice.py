@@ -323,14 +323,14 @@ def build_lattice(
     in_range = (labels >= 0) & (labels < num_classes)
     class_ids = interleave_with_blanks(xp, xp.clip(labels, 0, num_classes - 1), blank_id, logit_padded)
     class_ids = xp.astype(class_ids, index_dtype)
-    frame_padded = xp.permute_dims(logit_padded, (1, 0))  # (T, B), as the scan reads it
+    frame_padded = _time_major(xp, logit_padded)
     # Labels outside [0, K) emit like optax's all-zero one-hot row (log-prob 0) where padded;
     # unpadded ones (caught by validation whenever values are concrete) make the path impossible.
     missing = interleave_with_blanks(xp, ~in_range, False, logit_padded)
     stand_in = xp.where(label_padded, xp.zeros_like(logits[:, 0, :1]), xp.full_like(logits[:, 0, :1], log_epsilon))
     stand_in = interleave_with_blanks(xp, stand_in, 0.0, logit_padded)
+    stand_ins = None  # kept only where the scan gathers the emissions
     if normalise_before_gather:
-        stand_ins = None
         log_probs, frame_peak, frame_log_total = log_softmax_of_frames(xp, logits, logit_padded), None, None
         # (T, B, S); the stand-ins and the floor applied as the backend gathers (NumPy: a block of
         # frames at a time, while it is in cache: 2x faster on `char`, 1.5x on `long`).
@@ -344,7 +344,6 @@ def build_lattice(
         if gather_in_scan and mask_results_only:
             gathered, stand_ins = None, (missing, stand_in)
         else:
-            stand_ins = None
             gathered = normalised_emissions(
                 xp,
                 gather_states(xp, clean_logits, class_ids),
@@ -602,8 +601,8 @@ def _occupancy_step(xp, beyond: Array) -> Callable:
     carry: occupancy (..., S) at frame t. frame: the (..., S) shares of frame t (advance, skip)
     as the forward scan left them, and the (...,) padded flags: a padded frame moves nothing.
     Output: frame t's occupancy :func:`by_column`, so that the scan keeps a (T, ..., N + 1)
-    array rather than a (T, ..., S) one (JAX forward+backward on `char` 1.17x and 1.31x faster
-    in two `benchmarks/ab.py` runs: XLA's scratch fell from 37.9 to 31.8 MiB, below the 32 MiB
+    array rather than a (T, ..., S) one (JAX forward+backward on `char` 1.17x to 1.31x faster
+    in four `benchmarks/ab.py` runs: XLA's scratch fell from 37.9 to 31.8 MiB, below the 32 MiB
     up to which glibc's malloc reuses freed memory instead of mapping fresh pages each call).
     ``beyond``: (..., 1) zeros, the occupancy handed back from beyond the lattice's last state
     (made once per scan: a ``zeros_like`` per frame cost NumPy 20 ms on `long`).

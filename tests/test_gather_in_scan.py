@@ -8,7 +8,7 @@ import importlib
 
 import numpy as np
 import pytest
-from helpers import poison_padded_frames, random_problem
+from helpers import poison_padded_frames, random_problem, to_backend
 
 from ctc_multi.inputs import check_inputs
 from ctc_multi.lattice import (
@@ -32,14 +32,8 @@ def _poisoned_problem(seed: int):
 def _both_lattices(xp, problem):
     """(the _Problem, the lattice gathered beforehand, the one gathered in the scan), built as
     the JAX adapter builds them on any namespace: logits gathered, then normalised."""
-    inputs = check_inputs(
-        xp.asarray(problem.logits, dtype=xp.dtype("float64")),
-        xp.asarray(problem.logit_paddings),
-        xp.asarray(problem.labels),
-        xp.asarray(problem.label_paddings),
-        blank_id=0,
-        log_epsilon=-1e5,
-    )
+    arrays, _ = to_backend(xp, problem)
+    inputs = check_inputs(*arrays, blank_id=0, log_epsilon=-1e5)
     run = _Problem.of(inputs)
     arrays = (inputs.logits, inputs.logit_padded, inputs.labels, inputs.label_padded)
     options = dict(blank_id=0, log_epsilon=-1e5, index_dtype=run.index_dtype, normalise_before_gather=False, differentiable=False)
