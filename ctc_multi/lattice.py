@@ -586,7 +586,16 @@ def by_column(xp, occupancy: Array) -> Array:
     """(..., S) occupancy of each lattice state -> (..., N + 1) by column: the total over the
     blank states (every even state emits the blank), then each label's state. All that the
     gradient (one per-class sum over N + 1 columns instead of 2N + 1) and the posteriors read."""
-    return xp.concat([xp.sum(occupancy[..., 0::2], axis=-1, keepdims=True), occupancy[..., 1::2]], axis=-1)
+    return xp.concat([_sum_over_last_axis(xp, occupancy[..., 0::2]), occupancy[..., 1::2]], axis=-1)
+
+
+def _sum_over_last_axis(xp, values: Array) -> Array:
+    """(..., X) -> (..., 1) sums. For NumPy its own ``add.reduce``: array_api_compat's ``sum``
+    wrapper took 7.3 us on a strided (4, 401) view against 3.1 us, and NumPy's reverse loop pays
+    it once a frame (2000 frames on `long`)."""
+    if is_numpy_namespace(xp):
+        return xp.add.reduce(values, axis=-1, keepdims=True)
+    return xp.sum(values, axis=-1, keepdims=True)
 
 
 def _occupancy_step(xp, beyond: Array) -> Callable:

@@ -122,3 +122,32 @@ def test_floor_times_the_librarys_own_recursion_and_halves_only_the_loop_steps()
         half = floor.halved_shape(shape)
         assert (half.B, half.K, half.N) == (2 * shape.B, shape.K, shape.N)
         assert half.B * half.T == shape.B * shape.T  # every named T is even: the same cells
+
+
+def test_kernels_counts_each_loop_kernel_once_per_scan_step(capsys):
+    """benchmarks/kernels.py: the profiled forward of `small` holds one ``while`` per call, and
+    its body's kernels run once per loop step: T / unroll times each (unroll copies of them)."""
+    pytest.importorskip("jax")
+    import jax
+
+    from ctc_multi.backends import jax as jax_adapter
+    from ctc_multi.shapes import SHAPES
+
+    kernels = load_beside_runner("kernels.py")
+    function, arrays = kernels.compiled_call("small", "fwd")
+    times = kernels.kernel_times(function, arrays, calls=2)
+    loops = [name for name in times if name.startswith("while")]
+    assert len(loops) == 1 and times[loops[0]][0] == 1
+    unroll = jax_adapter.UNROLL.get(jax.default_backend(), jax_adapter.UNROLL_ELSEWHERE)[0]
+    steps = SHAPES["small"].T // unroll
+    in_the_loop = [name for name, (runs, _) in times.items() if runs == steps]
+    assert len(in_the_loop) >= unroll  # each step's kernels, in every unrolled copy
+    # The whole loop takes longer than any one kernel of its body, summed over the steps.
+    assert times[loops[0]][1] > max(times[name][1] for name in in_the_loop)
+
+    assert kernels.main(["--shape", "small", "--direction", "fwd", "--calls", "1", "--top", "3"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("small (B=8, T=100") and "jax fwd" in printed[0]
+    assert len(printed) == 2 + 3 and "while" in printed[2]
+    with pytest.raises(SystemExit):
+        kernels.main(["--shape", "huge"])
