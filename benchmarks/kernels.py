@@ -3,18 +3,18 @@
     python benchmarks/kernels.py                              # char, forward+backward
     python benchmarks/kernels.py --shape long --direction fwd --top 20
 
-The JAX backend's loss (``--direction fwd``: ``jax.jit`` of the summed ``ctc_loss``) or its
-``value_and_grad`` (``fwd+bwd``, the default) on a random problem of the named shape is
-compiled, called once, then called ``--calls`` times under ``jax.profiler.trace``. Every event
-the trace holds is summed by name: for each XLA kernel (a fusion, a copy, a whole ``while``
-loop, ...) how many times it ran per call, its time per call and its time per run. A scan's
-loop body shows up as the fusions it became, each run once per loop step (``unroll`` copies of
-each), so this says what one lattice step costs and which of its kernels cost most; a loop's
-own time holds its body's kernels.
+The JAX backend on a random problem of the named shape, as ``ctc-multi compare`` and
+``benchmarks/run.py`` prepare it (``--direction fwd``: ``jax.jit`` of ``ctc_loss``;
+``fwd+bwd``, the default: of the summed loss's ``value_and_grad``), is called once, then
+``--calls`` times under ``jax.profiler.trace``. Every event the trace holds is summed by name:
+for each XLA kernel (a fusion, a copy, a whole ``while`` loop, ...) how many times it ran per
+call, its time per call and its time per run. A scan's loop body shows up as the fusions it
+became, each run once per loop step (``unroll`` copies of each), so this says what one lattice
+step costs and which of its kernels cost most; a loop's own time holds its body's kernels.
 
 The profiler adds about a microsecond to each event, so the totals run above
-``benchmarks/run.py``'s times; compare kernels within one run. ``--hlo PATH`` writes the
-compiled HLO beside, to read what each fusion computes.
+``benchmarks/run.py``'s times; compare kernels within one run. To read what each fusion
+computes, run with ``XLA_FLAGS=--xla_dump_to=DIR``: XLA writes each compiled module's HLO there.
 """
 
 from __future__ import annotations
@@ -28,34 +28,29 @@ from pathlib import Path
 from ctc_multi.shapes import SHAPES, random_problem
 
 
-def compiled_call(shape_name: str, direction: str):
-    """The jitted JAX call of ``direction`` and its arguments, on a random problem of the shape."""
-    import jax
-    import jax.numpy as jnp
+def prepared_call(shape_name: str, direction: str, device: str = "cpu"):
+    """The JAX backend's call of ``direction`` on a random problem of the shape, on ``device``
+    ("cpu" or "cuda"): ``ctc-multi compare``'s contender, which blocks until done."""
+    from ctc_multi import compare
 
-    import ctc_multi
-
-    arrays = [jnp.asarray(array) for array in random_problem(SHAPES[shape_name], 0, "float32")]
-
-    def summed_loss(*arrays):
-        return jnp.sum(ctc_multi.ctc_loss(*arrays))
-
-    function = jax.jit(summed_loss if direction == "fwd" else jax.value_and_grad(summed_loss))
-    return function, arrays
+    case = compare.Case(random_problem(SHAPES[shape_name], 0, "float32"), blank_id=0, source="benchmarks/kernels.py")
+    prepared = compare.BACKENDS["jax"].prepare(case, device)
+    return prepared.forward if direction == "fwd" else prepared.forward_backward
 
 
-def kernel_times(function, arrays, calls: int) -> dict[str, tuple[float, float]]:
-    """{event name: (runs per call, microseconds per call)} over ``calls`` profiled calls,
-    after one call outside the trace (compilation, first-touch of buffers)."""
+def kernel_times(call, calls: int) -> dict[str, tuple[float, float]]:
+    """{event name: (runs per call, microseconds per call)} over ``calls`` profiled calls of
+    ``call`` (no arguments, blocks until done), after one outside the trace (compilation,
+    first-touch of buffers)."""
     import jax
     from jax.profiler import ProfileData
 
-    jax.block_until_ready(function(*arrays))
+    call()
     totals: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
     with tempfile.TemporaryDirectory() as trace_dir:
         with jax.profiler.trace(trace_dir):
             for _ in range(calls):
-                jax.block_until_ready(function(*arrays))
+                call()
         (trace_file,) = Path(trace_dir).rglob("*.xplane.pb")
         profile = ProfileData.from_file(str(trace_file))
         for plane in profile.planes:
@@ -76,21 +71,22 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="char", help=f"one of {', '.join(SHAPES)}")
     parser.add_argument("--direction", choices=("fwd", "fwd+bwd"), default="fwd+bwd")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--calls", type=int, default=5, help="profiled calls (at least 1)")
     parser.add_argument("--top", type=int, default=30, help="how many events to print, costliest first")
-    parser.add_argument("--hlo", type=Path, help="also write the compiled HLO here")
     args = parser.parse_args(argv)
     if args.shape not in SHAPES:
         parser.error(f"--shape: unknown shape {args.shape!r}; choose from {', '.join(SHAPES)}")
     if args.calls < 1:
         parser.error(f"--calls must be at least 1, got {args.calls}")
-    function, arrays = compiled_call(args.shape, args.direction)
-    if args.hlo is not None:
-        args.hlo.write_text(function.lower(*arrays).compile().as_text())
-    import jax
+    from ctc_multi import compare
 
-    times = kernel_times(function, arrays, args.calls)
-    print(f"{SHAPES[args.shape]}, jax {args.direction} on {jax.devices()[0].device_kind}, {args.calls} profiled calls")
+    try:
+        call = prepared_call(args.shape, args.direction, args.device)
+    except compare.Unavailable as reason:
+        parser.error(f"--device {args.device}: {reason}")
+    times = kernel_times(call, args.calls)
+    print(f"{SHAPES[args.shape]}, jax {args.direction} on {args.device}, {args.calls} profiled calls")
     print(f"{'us per call':>12} {'runs':>7} {'us per run':>11}  event")
     for name, (runs, micros) in sorted(times.items(), key=lambda item: -item[1][1])[: args.top]:
         print(f"{micros:12.1f} {runs:7g} {micros / runs:11.2f}  {name}")

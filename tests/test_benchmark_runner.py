@@ -136,8 +136,7 @@ def test_kernels_counts_each_loop_kernel_once_per_scan_step(capsys):
     from ctc_multi.shapes import SHAPES
 
     kernels = load_beside_runner("kernels.py")
-    function, arrays = kernels.compiled_call("small", "fwd")
-    times = kernels.kernel_times(function, arrays, calls=2)
+    times = kernels.kernel_times(kernels.prepared_call("small", "fwd"), calls=2)
     loops = [name for name in times if name.startswith("while")]
     assert len(loops) == 1 and times[loops[0]][0] == 1
     unroll = jax_adapter.UNROLL.get(jax.default_backend(), jax_adapter.UNROLL_ELSEWHERE)[0]
@@ -153,3 +152,6 @@ def test_kernels_counts_each_loop_kernel_once_per_scan_step(capsys):
     assert len(printed) == 2 + 3 and "while" in printed[2]
     with pytest.raises(SystemExit):
         kernels.main(["--shape", "huge"])
+    if not any(device.platform == "gpu" for device in jax.devices()):
+        with pytest.raises(SystemExit):  # a message naming the device, not a traceback
+            kernels.main(["--shape", "small", "--device", "cuda"])
