@@ -6,7 +6,7 @@
 #
 # Each step writes its own files (environment.txt, tests_cuda.txt, bench_cuda.txt + .json, .png,
 # tests_all.txt, torch_graph_cuda.txt, occupancy_cuda.txt + .json, unroll_cuda.txt,
-# memory_cuda.txt + .json) into a scratch folder ($WORK); $OUT gets three files, since the device
+# memory_cuda.txt + .json, kernels_cuda.txt) into a scratch folder ($WORK); $OUT gets three files, since the device
 # tool brings back at most 8: summary.txt, bench_cuda.txt and gpu_check.tgz (all of them), packed
 # on exit whatever happened.
 # Steps run in order of value, each under its own timeout taken from one overall budget
@@ -15,11 +15,12 @@
 #   1. environment (nvidia-smi, versions, devices)
 #   2. the GPU-specific tests (tests/test_cuda.py: torch CUDA and jax GPU against the reference)
 #   3. the benchmark on every named shape, big included, anchors (optax, torch native, cuDNN) in the same run
-#   4. the whole test suite (JAX tests run on the GPU there: jax puts new arrays on it by default)
-#   5. the torch backend replayed from a CUDA graph against eager calls (benchmarks/gpu_torch_graph.py)
-#   6. jax fwd+bwd with the occupancies of the shares instead of its GPU default, the mirror image
-#   7. jax fwd+bwd against optax for several loop unrolls (benchmarks/gpu_unroll.py)
-#   8. peak memory of jax fwd+bwd on `long`, ctc_multi vs optax, each in a fresh process
+#   4. the torch backend replayed from a CUDA graph against eager calls (benchmarks/gpu_torch_graph.py)
+#   5. peak memory of jax fwd+bwd on `long`, ctc_multi vs optax, each in a fresh process
+#   6. the whole test suite (JAX tests run on the GPU there: jax puts new arrays on it by default)
+#   7. the kernels of jax fwd+bwd on bpe (benchmarks/kernels.py)
+#   8. jax fwd+bwd with the occupancies of the shares instead of its GPU default, the mirror image
+#   9. jax fwd+bwd against optax for several loop unrolls (benchmarks/gpu_unroll.py)
 # On the H100 (commit 371c01c) steps 2, 3, 4 took 21, 179 and about 150 s; 5 more than 60 s.
 #
 # ctc_multi runs from this checkout (PYTHONPATH), nothing is installed. Pure-Python test
@@ -29,8 +30,8 @@
 #     sortedcontainers attrs pytest iniconfig pluggy packaging pytest-xdist execnet
 # (hypothesis has a compiled part: add the one for the machine's Python, 3.12 on the lent
 # machines, from `pip download --python-version 3.12 --only-binary=:all: hypothesis==<same>`)
-# and pass benchmarks/results/vendor in the device run's `carry`; it is put on PYTHONPATH (after the
-# machine's own packages, so it never shadows them).
+# and pass benchmarks/results/vendor in the device run's `carry`; only what the machine lacks is
+# taken from it (vendor.txt in the tgz says which).
 set -u
 : "${OUT:?set OUT to the folder whose files come back}"
 cd "$(dirname "$0")/.."
@@ -47,14 +48,37 @@ DRY_RUN=0
 BUDGET_S=${BUDGET_S:-500}
 VENDOR=${VENDOR:-benchmarks/results/vendor}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-[ -d "$VENDOR" ] && export PYTHONPATH="$PYTHONPATH:$PWD/$VENDOR"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false  # jax takes GPU memory as it needs it: the peaks mean something
 PYTHON=${PYTHON:-$(command -v python || command -v python3)}  # the lent machines have python3 only
+# Only the distributions the machine lacks are taken from $VENDOR (PYTHONPATH would put every one
+# of them ahead of the machine's own): each is linked, with its dist-info, into $WORK/vendor.
+if [ -d "$VENDOR" ]; then
+  "$PYTHON" - "$VENDOR" "$WORK/vendor" <<'EOF' >"$WORK/vendor.txt" 2>&1
+import csv, importlib.metadata, os, sys
+from pathlib import Path
+vendor, linked = Path(sys.argv[1]).resolve(), Path(sys.argv[2])
+linked.mkdir()
+for info in sorted(vendor.glob("*.dist-info")):
+    name = info.name.split("-")[0]
+    try:
+        print(f"{name}: the machine's {importlib.metadata.version(name)}")
+        continue
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    with open(info / "RECORD", newline="") as record:
+        tops = {Path(row[0]).parts[0] for row in csv.reader(record) if row and not row[0].startswith("..")}
+    for top in tops:
+        if (vendor / top).exists() and not (linked / top).exists():
+            os.symlink(vendor / top, linked / top)
+    print(f"{name}: vendored ({', '.join(sorted(tops))})")
+EOF
+  export PYTHONPATH="$PYTHONPATH:$WORK/vendor"
+fi
 
 if [ "$DRY_RUN" = 1 ]; then
-  DEVICE=cpu; SHAPES=small; REPEATS=5; MEMORY_SHAPE=small; UNROLL_SHAPES=small; SUITE="tests/test_sharding.py tests/test_cuda.py"
+  DEVICE=cpu; SHAPES=small; REPEATS=5; MEMORY_SHAPE=small; UNROLL_SHAPES=small; KERNELS_SHAPE=small; SUITE="tests/test_sharding.py tests/test_cuda.py"
 else
-  DEVICE=cuda; SHAPES=small,char,bpe,long,vocab5k,big; REPEATS=10; MEMORY_SHAPE=long; UNROLL_SHAPES=char,long,big; SUITE=tests
+  DEVICE=cuda; SHAPES=small,char,bpe,long,vocab5k,big; REPEATS=10; MEMORY_SHAPE=long; UNROLL_SHAPES=char,long,big; KERNELS_SHAPE=bpe; SUITE=tests
 fi
 
 STARTED=$SECONDS
@@ -93,17 +117,19 @@ summary "$(grep -E 'MISSING|devices|cuda' "$WORK/environment.txt" | tr '\n' ';')
 step cuda-tests 90 tests_cuda.txt "$PYTHON" -m pytest -q -rs -p no:cacheprovider tests/test_cuda.py
 step benchmark 220 bench_cuda.txt "$PYTHON" benchmarks/run.py --device "$DEVICE" --shapes "$SHAPES" --repeats "$REPEATS" --budget 15 \
   --json "$WORK/bench_cuda.json" --plot "$WORK/bench_cuda.png"
+step torch-graph 60 torch_graph_cuda.txt "$PYTHON" benchmarks/gpu_torch_graph.py --shapes "$UNROLL_SHAPES"
+step memory 50 memory_cuda.txt "$PYTHON" benchmarks/run.py --memory --device "$DEVICE" --shapes "$MEMORY_SHAPE" --json "$WORK/memory_cuda.json"
 XDIST=""; "$PYTHON" -c "import xdist" 2>/dev/null && XDIST="-n 8"
 # shellcheck disable=SC2086  # XDIST and SUITE are lists
 step all-tests 200 tests_all.txt "$PYTHON" -m pytest -q -x -p no:cacheprovider $XDIST $SUITE
-step torch-graph 60 torch_graph_cuda.txt "$PYTHON" benchmarks/gpu_torch_graph.py --shapes "$UNROLL_SHAPES"
+# Where the GPU default's fwd+bwd spends its time, kernel by kernel, on the shape it is slowest on.
+step kernels 45 kernels_cuda.txt "$PYTHON" benchmarks/kernels.py --device "$DEVICE" --shape "$KERNELS_SHAPE" --direction fwd+bwd --calls 3 --top 25
 # The JAX backend with the shares and a reverse scan for its gradient (run.py --occupancy), to set
 # against its GPU default (the mirror image's one scan) in bench_cuda.txt.
 # (numpy is not run there; torch's own ops take the mirror image everywhere.)
 step occupancy 110 occupancy_cuda.txt "$PYTHON" benchmarks/run.py --device "$DEVICE" --occupancy shares --backends jax \
   --shapes "$UNROLL_SHAPES" --repeats 5 --budget 5 --json "$WORK/occupancy_cuda.json"
 step unroll 90 unroll_cuda.txt "$PYTHON" benchmarks/gpu_unroll.py --shapes "$UNROLL_SHAPES"
-step memory 50 memory_cuda.txt "$PYTHON" benchmarks/run.py --memory --device "$DEVICE" --shapes "$MEMORY_SHAPE" --json "$WORK/memory_cuda.json"
 
 tail -n 30 "$WORK/bench_cuda.txt" >>"$WORK/summary.txt" 2>/dev/null
 tail -n 3 "$WORK/tests_all.txt" >>"$WORK/summary.txt" 2>/dev/null

@@ -62,8 +62,10 @@ def kernel_times(call, calls: int) -> dict[str, tuple[float, float]]:
                     # which hold the kernels (each loop body has one per step).
                     if event.name.startswith(("end: ", "ThunkExecutor::")):
                         continue
-                    totals[event.name][0] += 1
-                    totals[event.name][1] += event.duration_ns
+                    # A GPU's kernels (its plane, e.g. /device:GPU:0) are told from the host's.
+                    name = event.name if plane.name.startswith("/host") else f"[{plane.name}] {event.name}"
+                    totals[name][0] += 1
+                    totals[name][1] += event.duration_ns
     return {name: (runs / calls, total_ns / calls / 1e3) for name, (runs, total_ns) in totals.items()}
 
 
