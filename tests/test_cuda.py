@@ -78,12 +78,14 @@ def test_loss_and_gradients_on_the_gpu(run_on_gpu):
 
 
 def test_torch_loss_and_grad_replay_from_a_cuda_graph():
-    """``ctc_loss_and_grad`` captured once in a CUDA graph, then replayed on other logits copied
-    into the captured input, gives what eager calls give: the torch loop reads no value from the
-    GPU while a stream captures (the input checks are skipped then, as under torch.compile), so
-    a training step can replay it without the loop's per-frame launches from Python."""
+    """``ctc_loss_and_grad`` captured once in a CUDA graph, then replayed on another problem of
+    the same shapes (logits, labels and both paddings) copied into the captured inputs, gives
+    what eager calls give: the torch loop reads no value from the GPU while a stream captures
+    (the input checks are skipped then, as under torch.compile), so a training step can replay
+    it without the loop's per-frame launches from Python."""
     torch = _torch_with_cuda()
-    first, second = (random_problem(SHAPES["small"], seed=seed, dtype="float32") for seed in (5, 6))  # second: its logits
+    first, second = (random_problem(SHAPES["small"], seed=seed, dtype="float32") for seed in (5, 6))
+    assert not np.array_equal(first.labels, second.labels) and not np.array_equal(first.label_paddings, second.label_paddings)
     static = [torch.as_tensor(a, device="cuda") for a in first]
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -96,14 +98,16 @@ def test_torch_loss_and_grad_replay_from_a_cuda_graph():
 
     replayed = []
     for problem in (first, second):
-        static[0].copy_(torch.as_tensor(problem.logits, device="cuda"))
+        for captured_input, new in zip(static, problem):
+            captured_input.copy_(torch.as_tensor(new, device="cuda"))
         graph.replay()
         torch.cuda.synchronize()
         eager = ctc_multi.ctc_loss_and_grad(*static)
         for from_graph, from_eager in zip(captured, eager):
             np.testing.assert_allclose(from_graph.cpu().numpy(), from_eager.cpu().numpy(), **TOLERANCE["float32"])
-        replayed.append(captured[0].cpu().numpy().copy())
-    assert not np.allclose(replayed[0], replayed[1]), "the replay did not read the new logits"
+        replayed.append([output.cpu().numpy().copy() for output in captured])
+    for first_output, second_output in zip(*replayed):
+        assert not np.allclose(first_output, second_output), "the replay did not read the new inputs"
 
 
 def test_torch_reads_no_values_of_cuda_tensors_while_a_stream_captures(monkeypatch):
