@@ -179,6 +179,16 @@ class Timing:
         return len(self.times_ms)
 
 
+def before_timed_call(function: Callable[[], Any]) -> None:
+    """What a round does ahead of each timed call: a pause of SETTLE_S, the garbage of the calls
+    so far collected, then one untimed call, which brings back this contender's caches and
+    allocator state. (Until commit 8e8687b the collection came after the untimed call, where it
+    cools the caches that call warmed; ``benchmarks/latency.py`` times each part of this.)"""
+    time.sleep(SETTLE_S)
+    gc.collect()
+    function()
+
+
 def interleaved_timings(functions: dict[Any, Callable[[], Any]], *, repeats: int, budget_s: float, warm_up: bool = True) -> dict[Any, Timing]:
     """Median of ``repeats`` calls of each function, timed in rounds of one call each, after a warm-up.
 
@@ -195,10 +205,8 @@ def interleaved_timings(functions: dict[Any, Callable[[], Any]], *, repeats: int
         if done >= MIN_REPEATS and time.perf_counter() - started > budget_s:
             break
         for key, function in functions.items():
-            time.sleep(SETTLE_S)
-            function()  # untimed: brings back this contender's caches and allocator state
-            gc.collect()  # as timeit does: no collection of another contender's garbage inside a timed call
-            gc.disable()
+            before_timed_call(function)
+            gc.disable()  # as timeit does: no collection inside a timed call
             try:
                 start = time.perf_counter()
                 function()

@@ -155,3 +155,43 @@ def test_kernels_counts_each_loop_kernel_once_per_scan_step(capsys):
     if not any(device.platform == "gpu" for device in jax.devices()):
         with pytest.raises(SystemExit):  # a message naming the device, not a traceback
             kernels.main(["--shape", "small", "--device", "cuda"])
+
+
+def test_a_round_collects_garbage_before_the_untimed_call_and_none_inside_the_timed_one(monkeypatch):
+    """benchmarks/run.py's rounds: the collection comes ahead of the untimed call that warms the
+    contender's caches (after it, it cooled them: benchmarks/latency.py), and the collector is off
+    during the timed call."""
+    import gc
+
+    runner = load_runner()
+    monkeypatch.setattr(runner, "SETTLE_S", 0.0)
+    events = []
+    monkeypatch.setattr(runner.gc, "collect", lambda *args: events.append("collect"))
+
+    def contender():
+        events.append("call, collector " + ("on" if gc.isenabled() else "off"))
+
+    timings = runner.interleaved_timings({"only": contender}, repeats=runner.MIN_REPEATS, budget_s=0.0, warm_up=False)
+    assert timings["only"].repeats == runner.MIN_REPEATS
+    assert events == ["collect", "call, collector on", "call, collector off"] * runner.MIN_REPEATS
+    assert gc.isenabled()
+
+
+def test_latency_times_both_jax_contenders_in_every_way_with_and_without_torch(capsys):
+    """benchmarks/latency.py: one row per way of preparing a timed call (run.py's own round
+    among them), first without torch in the process, then with it; refuses a bad argument."""
+    pytest.importorskip("jax")
+    pytest.importorskip("optax")
+    pytest.importorskip("torch")
+    latency = load_beside_runner("latency.py")
+    assert latency.as_run_py_does.__code__.co_names.count("before_timed_call") == 1
+
+    assert latency.main(["--shape", "small", "--repeats", "1"]) == 0
+    rows = capsys.readouterr().out.splitlines()[2:]
+    assert len(rows) == 2 * len(latency.WAYS)
+    for with_torch, row in zip(["no"] * len(latency.WAYS) + ["yes"] * len(latency.WAYS), rows):
+        cells = row.split()
+        assert cells[0] == with_torch and len(cells) >= 4 and all(float(ms) > 0 for ms in cells[-2:])
+    for arguments in (["--shape", "huge"], ["--repeats", "0"]):
+        with pytest.raises(SystemExit):
+            latency.main(arguments)
