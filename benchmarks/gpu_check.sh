@@ -6,7 +6,7 @@
 #
 # Each step writes its own files (environment.txt, tests_cuda.txt, bench_cuda.txt + .json, .png,
 # tests_all.txt, torch_graph_cuda.txt, occupancy_cuda.txt + .json, unroll_cuda.txt,
-# memory_cuda.txt + .json, kernels_cuda.txt) into a scratch folder ($WORK); $OUT gets three files, since the device
+# memory_cuda.txt + .json, latency_cuda.txt, kernels_cuda.txt) into a scratch folder ($WORK); $OUT gets three files, since the device
 # tool brings back at most 8: summary.txt, bench_cuda.txt and gpu_check.tgz (all of them), packed
 # on exit whatever happened.
 # Steps run in order of value, each under its own timeout taken from one overall budget
@@ -17,10 +17,11 @@
 #   3. the benchmark on every named shape, big included, anchors (optax, torch native, cuDNN) in the same run
 #   4. the torch backend replayed from a CUDA graph against eager calls (benchmarks/gpu_torch_graph.py)
 #   5. peak memory of jax fwd+bwd on `long`, ctc_multi vs optax, each in a fresh process
-#   6. the whole test suite (JAX tests run on the GPU there: jax puts new arrays on it by default)
-#   7. the kernels of jax fwd+bwd on bpe (benchmarks/kernels.py)
-#   8. jax fwd+bwd with the occupancies of the shares instead of its GPU default, the mirror image
-#   9. jax fwd+bwd against optax for several loop unrolls (benchmarks/gpu_unroll.py)
+#   6. what run.py's round adds to small's jax fwd+bwd, ours and optax's (benchmarks/latency.py)
+#   7. the whole test suite (JAX tests run on the GPU there: jax puts new arrays on it by default)
+#   8. the kernels of jax fwd+bwd on bpe (benchmarks/kernels.py)
+#   9. jax fwd+bwd with the occupancies of the shares instead of its GPU default, the mirror image
+#  10. jax fwd+bwd against optax for several loop unrolls (benchmarks/gpu_unroll.py)
 # On the H100 (commit 371c01c) steps 2, 3, 4 took 21, 179 and about 150 s; 5 more than 60 s.
 #
 # ctc_multi runs from this checkout (PYTHONPATH), nothing is installed. Pure-Python test
@@ -119,6 +120,7 @@ step benchmark 220 bench_cuda.txt "$PYTHON" benchmarks/run.py --device "$DEVICE"
   --json "$WORK/bench_cuda.json" --plot "$WORK/bench_cuda.png"
 step torch-graph 60 torch_graph_cuda.txt "$PYTHON" benchmarks/gpu_torch_graph.py --shapes "$UNROLL_SHAPES"
 step memory 50 memory_cuda.txt "$PYTHON" benchmarks/run.py --memory --device "$DEVICE" --shapes "$MEMORY_SHAPE" --json "$WORK/memory_cuda.json"
+step latency 40 latency_cuda.txt "$PYTHON" benchmarks/latency.py --device "$DEVICE" --shape small
 XDIST=""; "$PYTHON" -c "import xdist" 2>/dev/null && XDIST="-n 8"
 # shellcheck disable=SC2086  # XDIST and SUITE are lists
 step all-tests 200 tests_all.txt "$PYTHON" -m pytest -q -x -p no:cacheprovider $XDIST $SUITE
