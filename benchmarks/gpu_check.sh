@@ -6,9 +6,9 @@
 #
 # Each step writes its own files (environment.txt, tests_cuda.txt, bench_cuda.txt + .json, .png,
 # tests_all.txt, torch_graph_cuda.txt, occupancy_cuda.txt + .json, unroll_cuda.txt,
-# memory_cuda.txt + .json, latency_cuda.txt, kernels_cuda.txt) into a scratch folder ($WORK); $OUT gets three files, since the device
-# tool brings back at most 8: summary.txt, bench_cuda.txt and gpu_check.tgz (all of them), packed
-# on exit whatever happened.
+# memory_cuda.txt + .json, latency_cuda.txt, kernels_cuda.txt, vendor.txt) into a scratch folder
+# ($WORK); $OUT gets three files, since the device tool brings back at most 8: summary.txt,
+# bench_cuda.txt and gpu_check.tgz (all of them), packed on exit whatever happened.
 # Steps run in order of value, each under its own timeout taken from one overall budget
 # (BUDGET_S, default 500 s; a lent machine has 15 minutes in all, its start included), so a slow
 # or hung step costs only its share and whatever finished still comes back:
@@ -22,7 +22,9 @@
 #   8. the kernels of jax fwd+bwd on bpe (benchmarks/kernels.py)
 #   9. jax fwd+bwd with the occupancies of the shares instead of its GPU default, the mirror image
 #  10. jax fwd+bwd against optax for several loop unrolls (benchmarks/gpu_unroll.py)
-# On the H100 (commit 371c01c) steps 2, 3, 4 took 21, 179 and about 150 s; 5 more than 60 s.
+# On the H100 (2026-11-27, benchmarks/gpu_runs/2026-11-27-h100/, before step 6 existed) steps 2
+# to 5 took 19, 168, 15 and 27 s, the whole suite 150 s, the kernels 4 s and the shares 81 s; the
+# unroll sweep was left out of BUDGET_S=480 (about 30 s of the 15 minutes went on the start).
 #
 # ctc_multi runs from this checkout (PYTHONPATH), nothing is installed. Pure-Python test
 # dependencies missing on the machine (array-api-compat is required, array-api-strict is for the
