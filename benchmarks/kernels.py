@@ -28,13 +28,16 @@ from pathlib import Path
 from ctc_multi.shapes import SHAPES, random_problem
 
 
-def prepared_call(shape_name: str, direction: str, device: str = "cpu"):
-    """The JAX backend's call of ``direction`` on a random problem of the shape, on ``device``
-    ("cpu" or "cuda"): ``ctc-multi compare``'s contender, which blocks until done."""
+def prepared_call(shape_name: str, direction: str, device: str = "cpu", contender=None):
+    """``contender``'s call of ``direction`` on a random problem of the shape (seed 0), on
+    ``device`` ("cpu" or "cuda"), as ``ctc-multi compare`` prepares it; it blocks until done.
+    The contender is one of ``compare.BACKENDS`` or ``compare.ANCHORS``; by default the JAX
+    backend. Raises ``compare.Unavailable`` where the device is not there."""
     from ctc_multi import compare
 
-    case = compare.Case(random_problem(SHAPES[shape_name], 0, "float32"), blank_id=0, source="benchmarks/kernels.py")
-    prepared = compare.BACKENDS["jax"].prepare(case, device)
+    contender = compare.BACKENDS["jax"] if contender is None else contender
+    case = compare.Case(random_problem(SHAPES[shape_name], 0, "float32"), blank_id=0, source=f"shape {shape_name}", seed=0)
+    prepared = contender.prepare(case, device)
     return prepared.forward if direction == "fwd" else prepared.forward_backward
 
 
@@ -71,14 +74,12 @@ def kernel_times(call, calls: int) -> dict[str, tuple[float, float]]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", default="char", help=f"one of {', '.join(SHAPES)}")
+    parser.add_argument("--shape", default="char", choices=tuple(SHAPES))
     parser.add_argument("--direction", choices=("fwd", "fwd+bwd"), default="fwd+bwd")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--calls", type=int, default=5, help="profiled calls (at least 1)")
     parser.add_argument("--top", type=int, default=30, help="how many events to print, costliest first")
     args = parser.parse_args(argv)
-    if args.shape not in SHAPES:
-        parser.error(f"--shape: unknown shape {args.shape!r}; choose from {', '.join(SHAPES)}")
     if args.calls < 1:
         parser.error(f"--calls must be at least 1, got {args.calls}")
     from ctc_multi import compare

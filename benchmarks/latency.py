@@ -26,10 +26,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import run  # noqa: E402  (benchmarks/run.py: SETTLE_S)
+import kernels  # noqa: E402  (benchmarks/kernels.py: the prepared calls)
+import run  # noqa: E402  (benchmarks/run.py: SETTLE_S and the round)
 
 from ctc_multi import compare  # noqa: E402
-from ctc_multi.shapes import SHAPES, random_problem  # noqa: E402
+from ctc_multi.shapes import SHAPES  # noqa: E402
 
 
 def back_to_back(call):
@@ -85,17 +86,14 @@ def median_ms(call, before, repeats: int) -> float:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", default="small", help=f"one of {', '.join(SHAPES)}")
+    parser.add_argument("--shape", default="small", choices=tuple(SHAPES))
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--repeats", type=int, default=21, help="timed calls per way (at least 1)")
     args = parser.parse_args(argv)
-    if args.shape not in SHAPES:
-        parser.error(f"--shape: unknown shape {args.shape!r}; choose from {', '.join(SHAPES)}")
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
-    case = compare.Case(random_problem(SHAPES[args.shape], 0, "float32"), blank_id=0, source=args.shape, seed=0)
     try:
-        calls = {contender.name: contender.prepare(case, args.device).forward_backward
+        calls = {contender.name: kernels.prepared_call(args.shape, "fwd+bwd", args.device, contender)
                  for contender in (compare.BACKENDS["jax"], compare.ANCHORS[0])}
     except compare.Unavailable as reason:
         parser.error(f"--device {args.device}: {reason}")
