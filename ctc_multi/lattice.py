@@ -32,7 +32,7 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
-from array_api_compat import is_numpy_namespace, is_torch_namespace
+from array_api_compat import is_jax_namespace, is_numpy_namespace, is_torch_namespace
 
 from .scan import Scan, tree_map
 
@@ -85,7 +85,34 @@ class Lattice:
     stand_ins: tuple[Array, Array] | None = None
 
 
-class LogSemiring:
+class _LogSpace:
+    """How a log-space semiring holds a state: one (..., S) array of log values, renormalised
+    after each scan step (its maximum subtracted, the shifts kept in the carry's offsets)."""
+
+    renormalised = True
+
+    @staticmethod
+    def edge_and_penalty(xp, skip_allowed: Array, log_epsilon: float, dtype):
+        return _edge_and_penalty(xp, skip_allowed, log_epsilon, dtype)
+
+    @staticmethod
+    def from_log(xp, log_values: Array) -> Array:
+        return log_values
+
+    @staticmethod
+    def forbid(xp, skip: Array, penalty: Array) -> Array:
+        return skip + penalty
+
+    @staticmethod
+    def times(xp, combined: Array, emissions: Array) -> Array:
+        return combined + emissions
+
+    @staticmethod
+    def as_log_carry(xp, carry):
+        return carry
+
+
+class LogSemiring(_LogSpace):
     """Sum over paths (the CTC loss): ``log(exp(stay) + exp(advance) + exp(skip))``; no choices."""
 
     with_shares = False
@@ -118,7 +145,7 @@ class LogSemiringWithShares(LogSemiring):
     with_shares = True
 
 
-class MaxSemiring:
+class MaxSemiring(_LogSpace):
     """Best single path (Viterbi): the maximum, and which move gave it (0 stay, 1 advance, 2 skip).
 
     Ties go to the shorter move (stay before advance before skip), so paths are deterministic.
@@ -132,6 +159,113 @@ class MaxSemiring:
         not_stay = stay < best
         move = xp.astype(not_stay, xp.int8) + xp.astype(not_stay & (advance < best), xp.int8)
         return best, move
+
+
+# The lowest power of two a scaled state holds (far below any path: about -3.7e8 in log space):
+# the lattice's edge, forbidden jumps, and the floor that keeps the int32 sums from wrapping.
+_LOWEST_POWER = -(1 << 29)
+
+
+def _bitcast(xp, values: Array, dtype) -> Array:
+    """The same bits as another dtype of the same width (float32 <-> int32)."""
+    if is_jax_namespace(xp):
+        import jax
+
+        return jax.lax.bitcast_convert_type(values, dtype)
+    return values.view(dtype)  # NumPy, torch
+
+
+def _power_of_two(xp, power: Array) -> Array:
+    """float32 2**power for int32 powers <= 0; 0 below -126 (too small to count beside 2**0)."""
+    biased = xp.maximum(power + 127, xp.zeros_like(power))
+    return _bitcast(xp, biased << 23, xp.float32)
+
+
+class ScaledSemiring:
+    """:class:`LogSemiring`'s sum over paths, in probability space: each state is a float32
+    mantissa in [1, 2) and its own int32 power of two, ``(mantissa, power)``, so the three
+    predecessors add with multiplies and integer adds and no exp or log (the frame's emission
+    takes one exp2). Each state keeps its own scale, so, unlike a probability-space recursion
+    renormalised by the frame (where states more than about e^-87 below the frame's best
+    underflow, and paths that a later frame favours are lost), nothing is lost that a log-space
+    float32 sum keeps: a predecessor below 2^-126 of the largest of the three is rounded away
+    by both. No renormalisation either (the powers are exact integers), so no row maximum.
+
+    float32 only; the JAX adapter takes it on a CPU, where XLA is bound by the exp and log of
+    the log-space step (the measurements are beside ``SCALED_SUMS`` in
+    ``ctc_multi.backends.jax``). A dispatch-bound loop (NumPy, torch) pays for its twice as
+    many ops. Viterbi and the forward probabilities stay in log space.
+    """
+
+    with_shares = False
+    renormalised = False
+
+    @staticmethod
+    def edge_and_penalty(xp, skip_allowed: Array, log_epsilon: float, dtype):
+        """The edge states (mantissa 1, the lowest power), and a forbidden jump's weight
+        exp(log_epsilon), scaled like a state (as the log-space step adds log_epsilon)."""
+        column = skip_allowed[..., :2]
+        edge = (xp.ones_like(column, dtype=dtype), xp.full_like(column, _LOWEST_POWER, dtype=xp.int32))
+        weight, power = ScaledSemiring.from_log(xp, xp.full_like(skip_allowed, log_epsilon, dtype=dtype))
+        allowed_power = xp.zeros_like(skip_allowed, dtype=xp.int32)
+        return edge, (xp.where(skip_allowed, xp.ones_like(weight), weight), xp.where(skip_allowed, allowed_power, power))
+
+    @staticmethod
+    def from_log(xp, log_values: Array) -> tuple[Array, Array]:
+        """log values -> (mantissa in [1, 2), int32 power): exp2 of the fraction of log2."""
+        log2 = xp.maximum(log_values * (1 / math.log(2)), xp.full_like(log_values, float(_LOWEST_POWER)))
+        power = xp.floor(log2)
+        return xp.exp2(log2 - power), xp.astype(power, xp.int32)
+
+    @staticmethod
+    def forbid(xp, skip, penalty):
+        return skip[0] * penalty[0], skip[1] + penalty[1]
+
+    @classmethod
+    def combine(cls, xp, stay, advance, skip):
+        """The three predecessors' sum as (mantissa in [1, 8), the largest power); with shares,
+        advance's and skip's parts of it."""
+        (stay_m, stay_p), (advance_m, advance_p), (skip_m, skip_p) = stay, advance, skip
+        top = xp.maximum(xp.maximum(stay_p, advance_p), skip_p)
+        from_advance, from_skip = advance_m * _power_of_two(xp, advance_p - top), skip_m * _power_of_two(xp, skip_p - top)
+        total = stay_m * _power_of_two(xp, stay_p - top) + from_advance + from_skip
+        if not cls.with_shares:
+            return (total, top), None
+        return (total, top), (from_advance / total, from_skip / total)
+
+    @staticmethod
+    def times(xp, combined, emissions):
+        """The sum times the emission, its mantissa brought back into [1, 2): the product lies
+        in [1, 16), so its float32 exponent field is 127 to 130, and dividing by that power of
+        two is exact. A NaN or inf product stays NaN or inf (no NaN turns into a number)."""
+        (total, top), (emission_m, emission_p) = combined, emissions
+        product = total * emission_m
+        field = (_bitcast(xp, product, xp.int32) >> 23) & 255
+        mantissa = product * _bitcast(xp, (254 - field) << 23, xp.float32)
+        power = xp.maximum((top + emission_p) + (field - 127), xp.full_like(top, _LOWEST_POWER))
+        return mantissa, power
+
+    @staticmethod
+    def as_log_carry(xp, carry):
+        """The final carry as a log-space one: (log_state (..., S) relative to its largest power,
+        offset_hi, offset_lo), the power's log in the offsets."""
+        (mantissa, power), offset_hi, offset_lo = carry
+        top = xp.max(power, axis=-1)
+        log_state = xp.log(mantissa) + xp.astype(power - top[..., None], mantissa.dtype) * math.log(2)
+        return (log_state,) + _accumulate(offset_hi, offset_lo, xp.astype(top, mantissa.dtype) * math.log(2))
+
+
+class ScaledSemiringWithShares(ScaledSemiring):
+    """:class:`ScaledSemiring` that also records the shares, as :class:`LogSemiringWithShares`."""
+
+    with_shares = True
+
+
+def sum_semiring(scaled: bool, with_shares: bool = False):
+    """The semiring of the sum over paths: log space, or scaled probabilities (:class:`ScaledSemiring`)."""
+    if scaled:
+        return ScaledSemiringWithShares if with_shares else ScaledSemiring
+    return LogSemiringWithShares if with_shares else LogSemiring
 
 
 def finite_peak(xp, logits: Array) -> Array:
@@ -433,25 +567,29 @@ def make_lattice_step(
     """The one step of the CTC recursion, for the scan: a block of frames, then a renormalisation.
 
     alpha_t(s) = y_t(s) * (alpha_{t-1}(s) + alpha_{t-1}(s-1) + [skip] alpha_{t-1}(s-2)), in the
-    semiring's "sum" (log-sum-exp for the loss, max for Viterbi). States are (..., S): the
-    batch, and any other leading axes, ride along.
+    semiring's "sum" (log-sum-exp for the loss, max for Viterbi) and "product" (``times``).
+    States are (..., S): the batch, and any other leading axes, ride along.
 
     carry: (log_state (..., S) with maximum 0, offset_hi (...), offset_lo (...)); the true log
-    value of a state is ``log_state + offset_lo + offset_hi``.
+    value of a state is ``log_state + offset_lo + offset_hi``. Under :class:`ScaledSemiring`
+    the state is its (mantissa, power) pair instead, never renormalised (offsets stay as they
+    came), and the emissions, given as log values, are scaled as they come.
     block: (log_emissions (F, ..., S), padded (F, ...)) for F = ``frames_per_step`` consecutive
     frames; without the F axis when F is 1 (a blocked layout made XLA 25% slower on `long`).
     Outputs per block: if ``keep_history``, the F states after each frame (relative to the
     block's starting offsets) and those offsets; and the semiring's choices (F, ..., S), if any.
     """
     num_states = skip_allowed.shape[-1]
-    edge, penalty = _edge_and_penalty(xp, skip_allowed, log_epsilon, dtype)
+    edge, penalty = semiring.edge_and_penalty(xp, skip_allowed, log_epsilon, dtype)
 
-    def frame_step(log_state, log_emissions, padded):
-        extended = xp.concat([edge, log_state], axis=-1)  # predecessors s-1, s-2 of every state s
-        advance = extended[..., 1 : num_states + 1]
-        skip = extended[..., :num_states] + penalty
-        combined, choice = semiring.combine(xp, log_state, advance, skip)
-        return carry_over_padded(xp, padded, log_state, combined + log_emissions), choice
+    def frame_step(state, log_emissions, padded):
+        # The predecessors s-1, s-2 of every state s (each array of a scaled state shifted alike).
+        extended = tree_map(lambda beyond, part: xp.concat([beyond, part], axis=-1), edge, state)
+        advance = tree_map(lambda part: part[..., 1 : num_states + 1], extended)
+        skip = semiring.forbid(xp, tree_map(lambda part: part[..., :num_states], extended), penalty)
+        combined, choice = semiring.combine(xp, state, advance, skip)
+        new = semiring.times(xp, combined, semiring.from_log(xp, log_emissions))
+        return tree_map(lambda carried, fresh: carry_over_padded(xp, padded, carried, fresh), state, new), choice
 
     def join(*per_frame):  # the block's outputs, one per frame, stacked (or the one frame's)
         return per_frame[0] if frames_per_step == 1 else xp.stack(per_frame, axis=0)
@@ -468,11 +606,15 @@ def make_lattice_step(
             log_state, choice = frame_step(log_state, log_emissions, padded)
             states.append(log_state)
             choices.append(choice)
-        peak = xp.max(log_state, axis=-1)
-        new_carry = (log_state - peak[..., None],) + _accumulate(offset_hi, offset_lo, peak)
+        if semiring.renormalised:
+            peak = xp.max(log_state, axis=-1)
+            new_carry = (log_state - peak[..., None],) + _accumulate(offset_hi, offset_lo, peak)
+        else:  # a scaled state keeps its own powers of two
+            new_carry = (log_state, offset_hi, offset_lo)
         history = (join(*states), offset_hi, offset_lo) if keep_history else None
         return new_carry, (history, tree_map(join, *choices))
 
+    step.renormalised = semiring.renormalised  # for the scan (JAX's unroll)
     return step
 
 
@@ -522,6 +664,8 @@ def run_recursion(
     :func:`initial_state`. A lattice built ``gather_in_scan`` has each frame's emissions
     gathered in the step (:func:`frame_emissions`), one frame per step.
     """
+    if keep_history and not semiring.renormalised:
+        raise ValueError("run_recursion keeps the history of log-space semirings only")
     if frames_per_step != 1:
         lattice = with_all_emissions(xp, lattice)
     step = make_lattice_step(
@@ -533,14 +677,19 @@ def run_recursion(
         keep_history=keep_history,
         frames_per_step=frames_per_step,
     )
+    log_state, offset_hi, offset_lo = initial_state(xp, lattice, first_state)
+    init = (semiring.from_log(xp, log_state), offset_hi, offset_lo)
     if lattice.log_emissions is None:
-        return scan(_gathering(xp, lattice, step), initial_state(xp, lattice, first_state), _frames_to_gather(xp, lattice))
+        final, outputs = scan(_gathering(xp, lattice, step), init, _frames_to_gather(xp, lattice))
+        return semiring.as_log_carry(xp, final), outputs
     frames = (lattice.log_emissions, lattice.frame_padded)
     if frames_per_step == 1:
-        return scan(step, initial_state(xp, lattice, first_state), frames)
+        final, outputs = scan(step, init, frames)
+        return semiring.as_log_carry(xp, final), outputs
     num_frames = lattice.log_emissions.shape[0]
     blocks = (_in_blocks(xp, frames[0], 0.0, frames_per_step), _in_blocks(xp, frames[1], True, frames_per_step))
-    final, (history, choices) = scan(step, initial_state(xp, lattice, first_state), blocks)
+    final, (history, choices) = scan(step, init, blocks)
+    final = semiring.as_log_carry(xp, final)
     if history is not None:
         states, offset_hi, offset_lo = history
         per_block = states.shape[:2] + tuple(offset_hi.shape[1:])
@@ -567,6 +716,7 @@ def _gathering(xp, lattice: Lattice, step: Callable) -> Callable:
         index, peak, log_total, padded = frame
         return step(carry, (frame_emissions(xp, lattice, index, peak, log_total), padded))
 
+    gathering_step.renormalised = step.renormalised
     return gathering_step
 
 
@@ -632,18 +782,19 @@ def _occupancy_step(xp, beyond: Array) -> Callable:
     return step
 
 
-def forward_and_occupancy_by_shares(xp, scan: Scan, lattice: Lattice, *, frames_per_step: int = 1):
+def forward_and_occupancy_by_shares(xp, scan: Scan, lattice: Lattice, *, frames_per_step: int = 1, scaled: bool = False):
     """The forward recursion's final carry, and the (T, B, N + 1) occupancies :func:`by_column`:
     the probability that the path is in state s at frame t given the labels (Graves et al. 2006,
     eq. 14), summed over the blank states.
 
-    One forward scan under :class:`LogSemiringWithShares`, then one reverse scan of
+    One forward scan under :class:`LogSemiringWithShares` (with ``scaled``,
+    :class:`ScaledSemiringWithShares`), then one reverse scan of
     :func:`_occupancy_step` from where the paths end. Normalised by construction (each frame's
     occupancies sum to 1), never divided by the likelihood, so float32 accuracy holds over any
     number of frames. Zero on the columns of padded labels; a padded frame repeats the next
     valid frame's occupancy (mask it where it matters, as :func:`logits_gradient` does).
     """
-    final, (_, shares) = run_recursion(xp, scan, lattice, semiring=LogSemiringWithShares, frames_per_step=frames_per_step)
+    final, (_, shares) = run_recursion(xp, scan, lattice, semiring=sum_semiring(scaled, with_shares=True), frames_per_step=frames_per_step)
     frames = (shares[0], shares[1], lattice.frame_padded)
     ending = _ending_occupancy(xp, lattice, final[0])
     _, occupancy = scan(_occupancy_step(xp, xp.zeros_like(ending[..., :1])), ending, frames, reverse=True)
@@ -689,7 +840,7 @@ def with_mirror_image(xp, lattice: Lattice) -> tuple[Lattice, Array]:
     return both, xp.stack([xp.zeros_like(mirror_start), mirror_start], axis=0)
 
 
-def forward_and_occupancy_by_mirror(xp, scan: Scan, lattice: Lattice, *, frames_per_step: int = 1):
+def forward_and_occupancy_by_mirror(xp, scan: Scan, lattice: Lattice, *, frames_per_step: int = 1, scaled: bool = False):
     """What :func:`forward_and_occupancy_by_shares` returns, from one scan of the plain loss step
     over the lattice and its mirror image side by side (:func:`with_mirror_image`): alpha and
     beta at once.
@@ -706,11 +857,12 @@ def forward_and_occupancy_by_mirror(xp, scan: Scan, lattice: Lattice, *, frames_
 
     Beta's "log 0" must vanish in exp as -inf would, or paths that start on it are counted
     (the forward recursion has such paths too, which the shares follow exactly): with a
-    ``log_epsilon`` above :data:`MIRROR_MAX_LOG_EPSILON` this hands over to the shares. A padded
-    frame's occupancy means nothing here (mask it, as :func:`logits_gradient` does).
+    ``log_epsilon`` above :data:`MIRROR_MAX_LOG_EPSILON` this hands over to the shares (and
+    ``scaled`` with it; the mirror image itself keeps its history, so runs in log space). A
+    padded frame's occupancy means nothing here (mask it, as :func:`logits_gradient` does).
     """
     if lattice.log_epsilon > MIRROR_MAX_LOG_EPSILON:
-        return forward_and_occupancy_by_shares(xp, scan, lattice, frames_per_step=frames_per_step)
+        return forward_and_occupancy_by_shares(xp, scan, lattice, frames_per_step=frames_per_step, scaled=scaled)
     lattice = with_all_emissions(xp, lattice)
     both, first_state = with_mirror_image(xp, lattice)
     final, (history, _) = run_recursion(xp, scan, both, keep_history=True, frames_per_step=frames_per_step, first_state=first_state)

@@ -19,6 +19,7 @@ from .lattice import (
     logits_gradient,
     loss_from_final_state,
     run_recursion,
+    sum_semiring,
 )
 from .scan import tree_map
 
@@ -87,13 +88,18 @@ class _Problem:
             gather_in_scan=self.backend.gather_in_scan(logits.shape[0] * logits.shape[1] * (2 * labels.shape[1] + 1)),
         )
 
+    def sum_semiring(self, lattice):
+        """The loss's semiring: log space, or scaled probabilities where the backend's ``scaled_sums``."""
+        return sum_semiring(self.backend.scaled_sums(lattice.logits.dtype))
+
     def recursion(self, lattice, **options):
         """:func:`~ctc_multi.lattice.run_recursion` with this backend's scan and frames per step."""
         return run_recursion(self.xp, self.backend.scan, lattice, frames_per_step=self.backend.FRAMES_PER_STEP, **options)
 
     def occupancy(self, lattice):
         """(final carry, (T, B, N + 1) occupancy by column) by this backend's ``forward_and_occupancy``, scan and frames per step."""
-        return self.backend.forward_and_occupancy(self.xp, self.backend.scan, lattice, frames_per_step=self.backend.FRAMES_PER_STEP)
+        scaled = self.backend.scaled_sums(lattice.logits.dtype)
+        return self.backend.forward_and_occupancy(self.xp, self.backend.scan, lattice, frames_per_step=self.backend.FRAMES_PER_STEP, scaled=scaled)
 
     def _loss(self, lattice, final):
         xp = self.xp
@@ -105,7 +111,7 @@ class _Problem:
     def forward(self, *arrays):
         """(B,) loss; autodiff never runs through it (``with_explicit_gradient``)."""
         lattice = self.lattice(*arrays, differentiable=False)
-        final, _ = self.recursion(lattice)
+        final, _ = self.recursion(lattice, semiring=self.sum_semiring(lattice))
         return self._loss(lattice, final)
 
     def forward_with_residuals(self, *arrays):

@@ -32,7 +32,10 @@ Each adapter module provides:
   run a function instead of its own loop (torch on a CPU, where autograd records nothing:
   ``losses._Problem.where_the_loop_runs_fastest``), else None, and ``from_numpy(x)``: one
   result of that run as the framework's array;
-* ``forward_and_occupancy(xp, scan, lattice, *, frames_per_step)``: the forward recursion's
+* ``scaled_sums(dtype)``: whether the loss's sum over paths runs in scaled probabilities
+  (:class:`ctc_multi.lattice.ScaledSemiring`: no exp or log per lattice cell, more integer
+  ops) rather than in log space, for logits computed in ``dtype``;
+* ``forward_and_occupancy(xp, scan, lattice, *, frames_per_step, scaled)``: the forward recursion's
   final carry and the (T, B, N + 1) occupancies (:func:`ctc_multi.lattice.by_column`): :func:`ctc_multi.lattice.forward_and_occupancy_by_shares`
   where the arithmetic is the cost, :func:`ctc_multi.lattice.forward_and_occupancy_by_mirror`
   where each operation's dispatch or launch is (JAX picks by platform: the shares on a CPU);
@@ -64,6 +67,7 @@ ADAPTER_NAMES = (
     "gather_states",
     "numpy_views",
     "from_numpy",
+    "scaled_sums",
     "forward_and_occupancy",
     "detach",
     "compiled",

@@ -20,6 +20,9 @@ INDEX_DTYPE_NAME = "int32"  # int64 needs jax_enable_x64
 # forward+backward by the shares against optax at 1, 4, 8, 16 both ways: char 1.8, 3.0, 2.0,
 # 2.0x; long 2.7, 4.1, 2.8, 2.8x; big 2.1, 4.8, 5.4, 4.8x; benchmarks/gpu_unroll.py). There the
 # gradient takes the mirror image (below), a forward scan only, measured at 8.
+# A step without that row maximum (a scaled step, ctc_multi.lattice.ScaledSemiring: its
+# ``renormalised`` is False) fuses across unrolled copies as the reverse step does, so it is
+# unrolled as the reverse step is (on a CPU the forward at 4 ran 8x slower than at 1 on `long`).
 UNROLL = {"cpu": (4, 1)}
 UNROLL_ELSEWHERE = (8, 8)
 
@@ -49,7 +52,8 @@ def gather_in_scan(num_cells: int) -> bool:
 
 
 def scan(step, init, xs, *, reverse=False):
-    unroll = UNROLL.get(jax.default_backend(), UNROLL_ELSEWHERE)[1 if reverse else 0]
+    forward, backward = UNROLL.get(jax.default_backend(), UNROLL_ELSEWHERE)
+    unroll = backward if reverse or not getattr(step, "renormalised", True) else forward
     return jax.lax.scan(step, init, xs, reverse=reverse, unroll=unroll)
 
 
@@ -111,9 +115,22 @@ OCCUPANCY = {"cpu": forward_and_occupancy_by_shares}
 OCCUPANCY_ELSEWHERE = forward_and_occupancy_by_mirror
 
 
-def forward_and_occupancy(xp, scan, lattice, *, frames_per_step=1):
+def forward_and_occupancy(xp, scan, lattice, *, frames_per_step=1, scaled=False):
     way = OCCUPANCY.get(jax.default_backend(), OCCUPANCY_ELSEWHERE)
-    return way(xp, scan, lattice, frames_per_step=frames_per_step)
+    return way(xp, scan, lattice, frames_per_step=frames_per_step, scaled=scaled)
+
+
+# Platforms where float32 sums over paths run in scaled probabilities (ctc_multi.lattice.ScaledSemiring).
+# On a CPU XLA is bound by the log-space step's three exp and one log per lattice cell; the
+# scaled step has one exp2 (the emission's) and multiplies and integer ops. Against the log
+# space (benchmarks/ab.py --backends jax --rounds 21, old/new): forward 1.03, 1.13, 1.19, 1.06
+# on `char`, `bpe`, `long`, `vocab5k`; forward+backward 1.00, 1.16, 1.14, 1.03. Not measured
+# on a GPU, where the log-space mirror image runs (and transcendentals are cheap).
+SCALED_SUMS = {"cpu"}
+
+
+def scaled_sums(dtype) -> bool:
+    return jax.default_backend() in SCALED_SUMS and dtype == jax.numpy.float32
 
 
 def numpy_views(arrays):

@@ -137,6 +137,13 @@ def gather_states(xp, values, state_classes, replaced=None, replacement=None, fl
     return gathered
 
 
+def scaled_sums(dtype) -> bool:
+    """Log space: the scaled step has about twice as many ops, each a dispatch from the loop
+    (``ctc_loss_and_grad`` on `char`, `bpe`, `long` 1.2x, 1.3x, 1.9x slower with it in float32:
+    ``benchmarks/ab.py --backends numpy``, medians of 7 rounds)."""
+    return False
+
+
 # Bound by its arithmetic (an exp on a (4, 801) state costs about as much as its dispatch): with
 # the mirror image's doubled state and exp/log, ctc_loss_and_grad ran 1.2x to 1.7x slower on
 # `char`, `bpe` and `long` than with the shares (README, Performance: run.py --occupancy).
