@@ -204,8 +204,8 @@ class ScaledSemiring:
     def edge_and_penalty(xp, skip_allowed: Array, log_epsilon: float, dtype):
         """The edge states (mantissa 1, the lowest power), and a forbidden jump's weight
         exp(log_epsilon), scaled like a state (as the log-space step adds log_epsilon)."""
-        column = skip_allowed[..., :2]
-        edge = (xp.ones_like(column, dtype=dtype), xp.full_like(column, _LOWEST_POWER, dtype=xp.int32))
+        column = skip_allowed[..., :1]  # two of them: a lattice may have one state (no labels)
+        edge = tuple(xp.concat([part, part], axis=-1) for part in (xp.ones_like(column, dtype=dtype), xp.full_like(column, _LOWEST_POWER, dtype=xp.int32)))
         weight, power = ScaledSemiring.from_log(xp, xp.full_like(skip_allowed, log_epsilon, dtype=dtype))
         allowed_power = xp.zeros_like(skip_allowed, dtype=xp.int32)
         return edge, (xp.where(skip_allowed, xp.ones_like(weight), weight), xp.where(skip_allowed, allowed_power, power))

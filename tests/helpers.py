@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 import numpy as np
 import pytest
+from hypothesis import strategies as st
 
 # ctc_multi's and optax's default stand-in for log(0).
 LOG_EPSILON = -1e5
@@ -268,3 +269,28 @@ def run_in_fresh_python(script: str, **environment: str) -> subprocess.Completed
     path = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
     env = dict(os.environ, PYTHONPATH=path, **environment)
     return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+
+
+@st.composite
+def small_problems(draw) -> tuple[Problem, int]:
+    """B <= 4, T <= 12, K <= 6, N <= 5; frames padded anywhere; any blank_id; repeated labels.
+
+    Some sequences cannot be aligned (too few valid frames); padded label positions hold
+    the blank, -1 or K.
+    """
+    B, T, K, N = draw(st.integers(1, 4)), draw(st.integers(1, 12)), draw(st.integers(1, 6)), draw(st.integers(0, 5))
+    blank_id = draw(st.integers(0, K - 1))
+    classes = [c for c in range(K) if c != blank_id]
+    labels = np.full((B, N), draw(st.sampled_from([blank_id, -1, K])), dtype=np.int64)
+    label_paddings = np.ones((B, N))
+    logit_paddings = np.ones((B, T))
+    for b in range(B):
+        logit_paddings[b] = [0.0 if valid else 1.0 for valid in draw(st.lists(st.booleans(), min_size=T, max_size=T))]
+        label: list[int] = []
+        for _ in range(draw(st.integers(0, N)) if classes else 0):
+            label.append(label[-1] if label and draw(st.booleans()) else draw(st.sampled_from(classes)))
+        labels[b, : len(label)] = label
+        label_paddings[b, : len(label)] = 0.0
+    scale = draw(st.sampled_from([0.5, 2.0, 8.0]))
+    logits = np.random.default_rng(draw(st.integers(0, 2**32 - 1))).normal(scale=scale, size=(B, T, K))
+    return Problem(logits, logit_paddings, labels, label_paddings), blank_id

@@ -23,10 +23,10 @@ from helpers import (
     poison_padded_frames,
     random_problem,
     reference_forward_probs,
+    small_problems,
     to_backend,
 )
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 from reference import ctc_reference
 from torch_reference import lengths_of, torch_ctc
 
@@ -427,31 +427,6 @@ def test_torch_gradcheck(reduction, zero_infinity):
 # ---------------------------------------------------------------------------------------------
 # Property tests: random small problems, every backend against the reference
 # ---------------------------------------------------------------------------------------------
-
-
-@st.composite
-def small_problems(draw) -> tuple[Problem, int]:
-    """B <= 4, T <= 12, K <= 6, N <= 5; frames padded anywhere; any blank_id; repeated labels.
-
-    Some sequences cannot be aligned (too few valid frames); padded label positions hold
-    the blank, -1 or K.
-    """
-    B, T, K, N = draw(st.integers(1, 4)), draw(st.integers(1, 12)), draw(st.integers(1, 6)), draw(st.integers(0, 5))
-    blank_id = draw(st.integers(0, K - 1))
-    classes = [c for c in range(K) if c != blank_id]
-    labels = np.full((B, N), draw(st.sampled_from([blank_id, -1, K])), dtype=np.int64)
-    label_paddings = np.ones((B, N))
-    logit_paddings = np.ones((B, T))
-    for b in range(B):
-        logit_paddings[b] = [0.0 if valid else 1.0 for valid in draw(st.lists(st.booleans(), min_size=T, max_size=T))]
-        label: list[int] = []
-        for _ in range(draw(st.integers(0, N)) if classes else 0):
-            label.append(label[-1] if label and draw(st.booleans()) else draw(st.sampled_from(classes)))
-        labels[b, : len(label)] = label
-        label_paddings[b, : len(label)] = 0.0
-    scale = draw(st.sampled_from([0.5, 2.0, 8.0]))
-    logits = np.random.default_rng(draw(st.integers(0, 2**32 - 1))).normal(scale=scale, size=(B, T, K))
-    return Problem(logits, logit_paddings, labels, label_paddings), blank_id
 
 
 def _loss_and_grad_function(xp):

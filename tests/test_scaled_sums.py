@@ -15,7 +15,8 @@ import ctc_multi
 from ctc_multi.inputs import check_inputs
 from ctc_multi.lattice import ScaledSemiring, forward_and_occupancy_by_shares, loss_from_final_state, run_recursion, sum_semiring
 from ctc_multi.losses import _Problem
-from helpers import Problem, random_problem
+from helpers import Problem, assert_impossible, frames_needed, random_problem, small_problems
+from hypothesis import HealthCheck, given, settings
 from reference import ctc_reference
 
 from conftest import installed
@@ -177,3 +178,54 @@ def test_peaky_occupancies_keep_float32_precision(name):
     _, truth = _run("numpy", problem, scaled=False, dtype="float64")
     _, occupancy = _run(name, problem, scaled=True)
     np.testing.assert_allclose(occupancy, truth, atol=5e-6)
+
+
+def _edge_problems():
+    rng = np.random.default_rng(17)
+    yield "one frame", random_problem(rng, 3, 1, 4, 1)
+    yield "no label positions", Problem(rng.normal(size=(2, 4, 3)), np.array([[0, 0, 1, 1], [0, 0, 0, 0.0]]), np.zeros((2, 0), dtype=np.int64), np.zeros((2, 0)))
+    every_label_padded = random_problem(rng, 2, 5, 4, 3)
+    yield "every label padded", every_label_padded._replace(label_paddings=np.ones_like(every_label_padded.label_paddings))
+    yield "two classes, blank last", random_problem(rng, 1, 5, 2, 2, blank_id=1)
+    yield "a fully padded sequence", random_problem(rng, 2, 6, 4, 2)._replace(logit_paddings=np.array([[0, 0, 0, 0, 1, 1], [1, 1, 1, 1, 1, 1.0]]), label_paddings=np.array([[0, 0], [1, 1.0]]))
+
+
+@pytest.mark.parametrize("case", [name for name, _ in _edge_problems()])
+def test_jax_float32_edge_shapes_against_the_reference(jax_x64, case):
+    """The scaled sums (JAX, float32 on a CPU) on the shapes most tests run in float64 only."""
+    import jax.numpy as jnp
+
+    problem = dict(_edge_problems())[case]
+    blank_id = 1 if "blank last" in case else 0
+    arrays = (jnp.asarray(problem.logits, dtype=jnp.float32),) + tuple(jnp.asarray(a) for a in problem[1:])
+    loss, grad = jax_x64.jit(ctc_multi.ctc_loss_and_grad, static_argnames="blank_id")(*arrays, blank_id=blank_id)
+    held = (np.asarray(arrays[0], dtype=np.float64),) + tuple(problem[1:])
+    expected_loss, expected_grad = ctc_reference(*held, blank_id=blank_id)
+    assert loss.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(loss), expected_loss, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(grad), expected_grad, rtol=1e-4, atol=1e-5)
+
+
+def test_jax_float32_random_small_problems_match_the_reference(jax_x64):
+    """tests/test_gradients.py's property test, in float32, where JAX on a CPU sums scaled."""
+    import jax.numpy as jnp
+
+    function = jax_x64.jit(ctc_multi.ctc_loss_and_grad, static_argnames="blank_id")
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
+    @given(small_problems())
+    def check(drawn):
+        problem, blank_id = drawn
+        logits = jnp.asarray(problem.logits, dtype=jnp.float32)
+        loss, grad = function(logits, *(jnp.asarray(a) for a in problem[1:]), blank_id=blank_id)
+        loss, grad = np.asarray(loss), np.asarray(grad)
+        expected_loss, expected_grad = ctc_reference(np.asarray(logits, dtype=np.float64), *problem[1:], blank_id=blank_id)
+        valid_frames = (problem.logit_paddings == 0).sum(axis=1)
+        needed = [frames_needed([int(v) for v, p in zip(row, pads) if p == 0]) for row, pads in zip(problem.labels, problem.label_paddings)]
+        feasible = np.array(needed) <= valid_frames
+        np.testing.assert_allclose(loss[feasible], expected_loss[feasible], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(grad[feasible], expected_grad[feasible], rtol=1e-4, atol=1e-5)
+        assert_impossible(loss[~feasible])
+        assert np.all(np.isfinite(grad)) and np.all(grad[problem.logit_paddings != 0] == 0.0)
+
+    check()
