@@ -16,7 +16,9 @@ Numerics, shared by every backend:
 * log space, with the state vector renormalised after every scan step of one or a few frames
   (its maximum subtracted); the shifts are summed with a compensated (two-sum) accumulator, so
   a float32 loss over thousands of frames keeps float32 relative accuracy instead of losing
-  digits to a large running log value;
+  digits to a large running log value. Or, for the sum over paths where the backend asks
+  (JAX's float32 on a CPU), scaled probabilities, each state with its own integer power of two
+  (:class:`ScaledSemiring`): no renormalisation, and float32 relative precision at any depth;
 * the backward pass follows the forward pass's choices back (the winning move for Viterbi,
   the shares of each predecessor for the gradient), so it needs no exp or log;
 * "log 0" is the finite ``log_epsilon`` (optax's convention), so no ``-inf - -inf`` can make
