@@ -18,6 +18,7 @@ from .lattice import (
     forward_probs_from_history,
     logits_gradient,
     loss_from_final_state,
+    SCALED_MIN_LOG_EPSILON,
     run_recursion,
     sum_semiring,
 )
@@ -88,9 +89,14 @@ class _Problem:
             gather_in_scan=self.backend.gather_in_scan(logits.shape[0] * logits.shape[1] * (2 * labels.shape[1] + 1)),
         )
 
+    def scaled(self, lattice) -> bool:
+        """Whether the sums over paths run in scaled probabilities: where the backend's
+        ``scaled_sums`` says so, and ``log_epsilon`` is at least ``SCALED_MIN_LOG_EPSILON``."""
+        return self.backend.scaled_sums(lattice.logits.dtype) and self.log_epsilon >= SCALED_MIN_LOG_EPSILON
+
     def sum_semiring(self, lattice):
-        """The loss's semiring: log space, or scaled probabilities where the backend's ``scaled_sums``."""
-        return sum_semiring(self.backend.scaled_sums(lattice.logits.dtype))
+        """The loss's semiring: log space, or scaled probabilities (:meth:`scaled`)."""
+        return sum_semiring(self.scaled(lattice))
 
     def recursion(self, lattice, **options):
         """:func:`~ctc_multi.lattice.run_recursion` with this backend's scan and frames per step."""
@@ -98,8 +104,7 @@ class _Problem:
 
     def occupancy(self, lattice):
         """(final carry, (T, B, N + 1) occupancy by column) by this backend's ``forward_and_occupancy``, scan and frames per step."""
-        scaled = self.backend.scaled_sums(lattice.logits.dtype)
-        return self.backend.forward_and_occupancy(self.xp, self.backend.scan, lattice, frames_per_step=self.backend.FRAMES_PER_STEP, scaled=scaled)
+        return self.backend.forward_and_occupancy(self.xp, self.backend.scan, lattice, frames_per_step=self.backend.FRAMES_PER_STEP, scaled=self.scaled(lattice))
 
     def _loss(self, lattice, final):
         xp = self.xp

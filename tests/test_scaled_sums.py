@@ -229,3 +229,22 @@ def test_jax_float32_random_small_problems_match_the_reference(jax_x64):
         assert np.all(np.isfinite(grad)) and np.all(grad[problem.logit_paddings != 0] == 0.0)
 
     check()
+
+
+@pytest.mark.parametrize("log_epsilon", [-1e6, -1e20])
+def test_an_impossible_alignment_costs_about_minus_log_epsilon(jax_x64, log_epsilon):
+    """A scaled state's power of two has a floor (about -3.7e8 in log space); from
+    ``SCALED_MIN_LOG_EPSILON`` down, log space runs, so an impossible alignment still costs about
+    -log_epsilon (loss and gradient), as on every backend."""
+    import jax.numpy as jnp
+
+    from ctc_multi.lattice import SCALED_MIN_LOG_EPSILON
+
+    assert log_epsilon >= SCALED_MIN_LOG_EPSILON or log_epsilon < -3.7e8  # one of each side
+    logits = jnp.asarray(np.random.default_rng(22).normal(size=(2, 2, 4)), dtype=jnp.float32)
+    labels, label_paddings = jnp.asarray([[1, 1], [1, 2]]), jnp.zeros((2, 2))  # [1, 1] needs 3 frames
+    loss = ctc_multi.ctc_loss(logits, jnp.zeros((2, 2)), labels, label_paddings, log_epsilon=log_epsilon)
+    loss_too, grad = ctc_multi.ctc_loss_and_grad(logits, jnp.zeros((2, 2)), labels, label_paddings, log_epsilon=log_epsilon)
+    for value in (loss, loss_too):
+        assert_impossible(np.asarray(value)[:1], log_epsilon)
+    assert np.all(np.isfinite(np.asarray(grad)))
