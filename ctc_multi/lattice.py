@@ -221,7 +221,8 @@ class ScaledSemiring:
 
     @staticmethod
     def from_log(xp, log_values: Array) -> tuple[Array, Array]:
-        """log values -> (mantissa in [1, 2), int32 power): exp2 of the fraction of log2."""
+        """log values -> (mantissa in [1, 2], int32 power): exp2 of the fraction of log2 (2 where
+        that fraction rounds up to 1; :meth:`times` brings any mantissa back into [1, 2))."""
         log2 = xp.maximum(log_values * (1 / math.log(2)), xp.full_like(log_values, float(_LOWEST_POWER)))
         power = xp.floor(log2)
         return xp.exp2(log2 - power), xp.astype(power, xp.int32)
@@ -232,7 +233,7 @@ class ScaledSemiring:
 
     @classmethod
     def combine(cls, xp, stay, advance, skip):
-        """The three predecessors' sum as (mantissa in [1, 8), the largest power); with shares,
+        """The three predecessors' sum as (mantissa in [1, 8], the largest power); with shares,
         advance's and skip's parts of it."""
         (stay_m, stay_p), (advance_m, advance_p), (skip_m, skip_p) = stay, advance, skip
         top = xp.maximum(xp.maximum(stay_p, advance_p), skip_p)
@@ -245,8 +246,8 @@ class ScaledSemiring:
     @staticmethod
     def times(xp, combined, emissions):
         """The sum times the emission, its mantissa brought back into [1, 2): the product lies
-        in [1, 16), so its float32 exponent field is 127 to 130, and dividing by that power of
-        two is exact. A NaN or inf product stays NaN or inf (no NaN turns into a number)."""
+        in [1, 16], a normal float32, so dividing by the power of two of its exponent field is
+        exact. A NaN or inf product stays NaN or inf (no NaN turns into a number)."""
         (total, top), (emission_m, emission_p) = combined, emissions
         product = total * emission_m
         field = (_bitcast(xp, product, xp.int32) >> 23) & 255
