@@ -14,11 +14,11 @@ from typing import Any, Callable
 from .backends import index_dtype
 from .inputs import CTCInputs, check_inputs
 from .lattice import (
+    SCALED_MIN_LOG_EPSILON,
     build_lattice,
     forward_probs_from_history,
     logits_gradient,
     loss_from_final_state,
-    SCALED_MIN_LOG_EPSILON,
     run_recursion,
     sum_semiring,
 )

@@ -34,7 +34,8 @@ Each adapter module provides:
   result of that run as the framework's array;
 * ``scaled_sums(dtype)``: whether the loss's sum over paths runs in scaled probabilities
   (:class:`ctc_multi.lattice.ScaledSemiring`: no exp or log per lattice cell, more integer
-  ops) rather than in log space, for logits computed in ``dtype``;
+  ops) rather than in log space, for logits computed in ``dtype`` (with a ``log_epsilon``
+  below :data:`ctc_multi.lattice.SCALED_MIN_LOG_EPSILON`, log space runs whatever it says);
 * ``forward_and_occupancy(xp, scan, lattice, *, frames_per_step, scaled)``: the forward recursion's
   final carry and the (T, B, N + 1) occupancies (:func:`ctc_multi.lattice.by_column`): :func:`ctc_multi.lattice.forward_and_occupancy_by_shares`
   where the arithmetic is the cost, :func:`ctc_multi.lattice.forward_and_occupancy_by_mirror`
