@@ -605,7 +605,7 @@ def make_lattice_step(
         return per_frame[0] if frames_per_step == 1 else xp.stack(per_frame, axis=0)
 
     def step(carry, block):
-        log_state, offset_hi, offset_lo = carry
+        state, offset_hi, offset_lo = carry
         if frames_per_step == 1:
             frames = [block]
         else:
@@ -613,14 +613,14 @@ def make_lattice_step(
             frames = [(emissions[i, ...], padded[i, ...]) for i in range(frames_per_step)]
         states, choices = [], []
         for log_emissions, padded in frames:
-            log_state, choice = frame_step(log_state, log_emissions, padded)
-            states.append(log_state)
+            state, choice = frame_step(state, log_emissions, padded)
+            states.append(state)
             choices.append(choice)
-        if semiring.renormalised:
-            peak = xp.max(log_state, axis=-1)
-            new_carry = (log_state - peak[..., None],) + _accumulate(offset_hi, offset_lo, peak)
+        if semiring.renormalised:  # a log state: its maximum into the offsets
+            peak = xp.max(state, axis=-1)
+            new_carry = (state - peak[..., None],) + _accumulate(offset_hi, offset_lo, peak)
         else:  # a scaled state keeps its own powers of two
-            new_carry = (log_state, offset_hi, offset_lo)
+            new_carry = (state, offset_hi, offset_lo)
         history = (join(*states), offset_hi, offset_lo) if keep_history else None
         return new_carry, (history, tree_map(join, *choices))
 
