@@ -37,6 +37,21 @@ def frames_needed(label) -> int:
     return len(label) + sum(1 for a, b in zip(label[:-1], label[1:]) if a == b)
 
 
+def feasible_rows(problem: Problem) -> np.ndarray:
+    """(B,) bool: whether each sequence's valid frames can hold its unpadded labels."""
+    valid_frames = (problem.logit_paddings == 0).sum(axis=1)
+    needed = [frames_needed([int(v) for v, p in zip(row, pads) if p == 0]) for row, pads in zip(problem.labels, problem.label_paddings)]
+    return np.array(needed) <= valid_frames
+
+
+def assert_gradient_structure(grad: np.ndarray, logit_paddings: np.ndarray, atol: float) -> None:
+    """Finite; exactly zero on padded frames; each valid frame sums to zero over the classes."""
+    assert np.all(np.isfinite(grad)), "non-finite gradient"
+    padded = logit_paddings != 0
+    assert np.all(grad[padded] == 0.0), "padded frames must get exactly zero gradient"
+    np.testing.assert_allclose(grad[~padded].sum(axis=-1), 0.0, atol=atol)
+
+
 def random_problem(
     rng: np.random.Generator,
     B: int,

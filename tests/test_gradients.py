@@ -16,10 +16,11 @@ from conftest import BACKENDS, TOLERANCE
 from helpers import (
     LOG_EPSILON,
     Problem,
+    assert_gradient_structure,
     assert_impossible,
     autodiff,
     compiled,
-    frames_needed,
+    feasible_rows,
     poison_padded_frames,
     random_problem,
     reference_forward_probs,
@@ -48,14 +49,6 @@ def loss_and_grad(xp, problem: Problem, dtype: str = "float64", **options):
 def summed_loss(**options):
     """x, *rest -> sum of ctc_loss(x, *rest, **options), the scalar to differentiate."""
     return lambda x, *rest: ctc_multi.ctc_loss(x, *rest, **options).sum()
-
-
-def assert_gradient_structure(grad: np.ndarray, logit_paddings: np.ndarray, atol: float) -> None:
-    """Finite; exactly zero on padded frames; each valid frame sums to zero over the classes."""
-    assert np.all(np.isfinite(grad)), "non-finite gradient"
-    padded = logit_paddings != 0
-    assert np.all(grad[padded] == 0.0), "padded frames must get exactly zero gradient"
-    np.testing.assert_allclose(grad[~padded].sum(axis=-1), 0.0, atol=atol)
 
 
 def mixed_problem() -> Problem:
@@ -450,9 +443,7 @@ def test_random_small_problems_match_reference(xp):
         xp.check_type(loss, grad)
         loss, grad = xp.to_numpy(loss), xp.to_numpy(grad)
         expected_loss, expected_grad = ctc_reference(*held, blank_id=blank_id)
-        valid_frames = (held.logit_paddings == 0).sum(axis=1)
-        needed = [frames_needed([int(v) for v, p in zip(row, pads) if p == 0]) for row, pads in zip(held.labels, held.label_paddings)]
-        feasible = np.array(needed) <= valid_frames
+        feasible = feasible_rows(held)
         assert np.array_equal(feasible, np.isfinite(expected_loss))
         np.testing.assert_allclose(loss[feasible], expected_loss[feasible], **TOLERANCE["float64"])
         np.testing.assert_allclose(grad[feasible], expected_grad[feasible], **TOLERANCE["gradient_float64"])
