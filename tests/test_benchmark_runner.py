@@ -139,9 +139,8 @@ def test_kernels_counts_each_loop_kernel_once_per_scan_step(capsys):
     times = kernels.kernel_times(kernels.prepared_call("small", "fwd"), calls=2)
     loops = [name for name in times if name.startswith("while")]
     assert len(loops) == 1 and times[loops[0]][0] == 1
-    forward, backward = jax_adapter.UNROLL.get(jax.default_backend(), jax_adapter.UNROLL_ELSEWHERE)
-    # A scaled step (float32 on a CPU) has no row maximum and is unrolled as the reverse step.
-    unroll = backward if jax_adapter.scaled_sums(jax.numpy.float32) else forward
+    # A scaled step (float32 on a CPU) has no row maximum, which the adapter's unroll counts.
+    unroll = jax_adapter.unroll(reverse=False, renormalised=not jax_adapter.scaled_sums(jax.numpy.float32))
     steps = SHAPES["small"].T // unroll
     in_the_loop = [name for name, (runs, _) in times.items() if runs == steps]
     assert len(in_the_loop) >= unroll  # each step's kernels, in every unrolled copy

@@ -51,10 +51,15 @@ def gather_in_scan(num_cells: int) -> bool:
     return threshold is not None and num_cells >= threshold
 
 
-def scan(step, init, xs, *, reverse=False):
+def unroll(*, reverse: bool, renormalised: bool = True) -> int:
+    """Lattice steps per loop iteration on this platform (``UNROLL``)."""
     forward, backward = UNROLL.get(jax.default_backend(), UNROLL_ELSEWHERE)
-    unroll = backward if reverse or not getattr(step, "renormalised", True) else forward
-    return jax.lax.scan(step, init, xs, reverse=reverse, unroll=unroll)
+    return backward if reverse or not renormalised else forward
+
+
+def scan(step, init, xs, *, reverse=False):
+    steps = unroll(reverse=reverse, renormalised=getattr(step, "renormalised", True))
+    return jax.lax.scan(step, init, xs, reverse=reverse, unroll=steps)
 
 
 def is_concrete(x) -> bool:
