@@ -691,15 +691,18 @@ def run_recursion(
     init = (semiring.from_log(xp, log_state), offset_hi, offset_lo)
     if lattice.log_emissions is None:
         final, outputs = scan(_gathering(xp, lattice, step), init, _frames_to_gather(xp, lattice))
-        return semiring.as_log_carry(xp, final), outputs
-    frames = (lattice.log_emissions, lattice.frame_padded)
-    if frames_per_step == 1:
-        final, outputs = scan(step, init, frames)
-        return semiring.as_log_carry(xp, final), outputs
+    elif frames_per_step == 1:
+        final, outputs = scan(step, init, (lattice.log_emissions, lattice.frame_padded))
+    else:
+        final, outputs = _scan_in_blocks(xp, scan, step, init, lattice, frames_per_step)
+    return semiring.as_log_carry(xp, final), outputs
+
+
+def _scan_in_blocks(xp, scan: Scan, step: Callable, init, lattice: Lattice, frames_per_step: int):
+    """The scan of a step that takes ``frames_per_step`` frames, its outputs laid out per frame."""
     num_frames = lattice.log_emissions.shape[0]
-    blocks = (_in_blocks(xp, frames[0], 0.0, frames_per_step), _in_blocks(xp, frames[1], True, frames_per_step))
+    blocks = (_in_blocks(xp, lattice.log_emissions, 0.0, frames_per_step), _in_blocks(xp, lattice.frame_padded, True, frames_per_step))
     final, (history, choices) = scan(step, init, blocks)
-    final = semiring.as_log_carry(xp, final)
     if history is not None:
         states, offset_hi, offset_lo = history
         per_block = states.shape[:2] + tuple(offset_hi.shape[1:])
