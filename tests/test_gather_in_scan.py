@@ -1,5 +1,5 @@
 """A lattice whose emissions the scan gathers frame by frame (``build_lattice(gather_in_scan=True)``,
-JAX on a CPU from 2**21 lattice cells) gives the numbers of one whose emissions were all
+JAX on a CPU from 2**18 lattice cells) gives the numbers of one whose emissions were all
 gathered beforehand: the same emissions, the same recursions, the same losses and gradients."""
 
 from __future__ import annotations

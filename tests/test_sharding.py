@@ -96,7 +96,7 @@ WAYS = {
     "shares": "pass",
     "mirror image, as on GPUs": "import ctc_multi.backends.jax, ctc_multi.lattice; "
     "ctc_multi.backends.jax.OCCUPANCY['cpu'] = ctc_multi.lattice.forward_and_occupancy_by_mirror",
-    # Each frame's emissions gathered in the scan, as on a CPU from 2**21 lattice cells
+    # Each frame's emissions gathered in the scan, as on a CPU from 2**18 lattice cells
     # (ctc_multi.backends.jax.GATHER_IN_SCAN_MIN_CELLS), forced here for this small problem.
     "shares, emissions gathered in the scan": "import ctc_multi.backends.jax; ctc_multi.backends.jax.GATHER_IN_SCAN_MIN_CELLS['cpu'] = 0",
 }
