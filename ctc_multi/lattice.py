@@ -588,8 +588,9 @@ def make_lattice_step(
     are then slices of the carry, and XLA makes the joining the end of the kernel that computes
     the new state, where a join at the start of the step was a kernel of its own each frame
     (JAX forward 1.04x to 1.20x faster on the named shapes, `benchmarks/ab.py`, 21 rounds).
-    With several, each frame's state is joined to the edge before it (NumPy's first state of a
-    block is then a contiguous array, not a view: 5% faster on `char` and `long`).
+    With several, each frame's state is joined to the edge before it, as before (NumPy with
+    the edge in the carry, its first state of a block a view: 0.95x and 0.96x on `char` and
+    `long`, 31 rounds; within this VM's noise, but nothing to gain there).
     block: (log_emissions (F, ..., S), padded (F, ...)) for F = ``frames_per_step`` consecutive
     frames; without the F axis when F is 1 (a blocked layout made XLA 25% slower on `long`).
     Outputs per block: if ``keep_history``, the F states after each frame (relative to the
