@@ -770,16 +770,7 @@ def by_column(xp, occupancy: Array) -> Array:
     """(..., S) occupancy of each lattice state -> (..., N + 1) by column: the total over the
     blank states (every even state emits the blank), then each label's state. All that the
     gradient (one per-class sum over N + 1 columns instead of 2N + 1) and the posteriors read."""
-    return xp.concat([_sum_over_last_axis(xp, occupancy[..., 0::2]), occupancy[..., 1::2]], axis=-1)
-
-
-def _sum_over_last_axis(xp, values: Array) -> Array:
-    """(..., X) -> (..., 1) sums. For NumPy its own ``add.reduce``: array_api_compat's ``sum``
-    wrapper took 7.3 us on a strided (4, 401) view against 3.1 us, and NumPy's reverse loop pays
-    it once a frame (2000 frames on `long`)."""
-    if is_numpy_namespace(xp):
-        return xp.add.reduce(values, axis=-1, keepdims=True)
-    return xp.sum(values, axis=-1, keepdims=True)
+    return xp.concat([xp.sum(occupancy[..., 0::2], axis=-1, keepdims=True), occupancy[..., 1::2]], axis=-1)
 
 
 def _occupancy_step(xp, beyond: Array) -> Callable:
@@ -841,7 +832,7 @@ def forward_and_occupancy_by_shares(xp, scan: Scan, lattice: Lattice, *, frames_
     # rest of one, since the step hands occupancy only between states (JAX forward+backward
     # 1.03x to 1.13x faster, NumPy's 1.04x to 1.08x, on the named shapes, with the (..., 2)
     # ``beyond``; gradient errors against float64 as before, benchmarks/accuracy.py).
-    blanks = 1 - _sum_over_last_axis(xp, labels)
+    blanks = 1 - xp.sum(labels, axis=-1, keepdims=True)
     return final, xp.concat([blanks, labels], axis=-1)
 
 
