@@ -109,6 +109,37 @@ def test_gradient_with_many_classes_and_labels_used_twice(xp):
     np.testing.assert_allclose(xp.to_numpy(gradient), expected_gradient, **TOLERANCE["gradient_float64"])
 
 
+@pytest.mark.parametrize("flat", [True, False], ids=["flat indices", "down the columns"])
+def test_jax_scatters_in_either_order_add_up_labels_used_twice(jax_x64, monkeypatch, flat):
+    """The JAX adapter scatters the per-class sums of many classes down each class's column of
+    frames, or frame by frame at flat indices (on a CPU, for some K: ctc_multi.backends.jax.
+    FLAT_SCATTER_STRIDES): each order, forced here, adds up a class used by several labels."""
+    import jax.numpy as jnp
+
+    import ctc_multi.backends.jax as adapter
+
+    monkeypatch.setattr(adapter, "FLAT_SCATTER_STRIDES", {jax_x64.default_backend(): 1} if flat else {})
+    jax_x64.clear_caches()
+    K = 150
+    problem = random_problem(np.random.default_rng(43), 3, 9, K, 4, frame_layout="anywhere", min_label_length=3)
+    problem = problem._replace(labels=np.where(problem.label_paddings != 0, problem.labels, 1 + problem.labels % 2))
+    _, gradient = ctc_multi.ctc_loss_and_grad(*[jnp.asarray(a) for a in problem])
+    np.testing.assert_allclose(np.asarray(gradient), ctc_reference(*problem)[1], **TOLERANCE["gradient_float64"])
+    jax_x64.clear_caches()
+
+
+def test_jax_scatters_at_flat_indices_on_a_cpu_for_page_sized_column_strides(jax_x64, monkeypatch):
+    from ctc_multi.backends.jax import scatters_at_flat_indices
+
+    monkeypatch.setattr(jax_x64, "default_backend", lambda: "cpu")
+    assert scatters_at_flat_indices(400, 1024, 4) and scatters_at_flat_indices(400, 3072, 4) and scatters_at_flat_indices(400, 2048, 2)
+    assert not scatters_at_flat_indices(400, 1000, 4) and not scatters_at_flat_indices(400, 5000, 4) and not scatters_at_flat_indices(400, 1024, 2)
+    assert scatters_at_flat_indices(2**17, 2**14, 4)  # the last flat index, 2**31 - 1, fits int32
+    assert not scatters_at_flat_indices(2**17 + 1, 2**14, 4)
+    monkeypatch.setattr(jax_x64, "default_backend", lambda: "gpu")
+    assert not scatters_at_flat_indices(400, 1024, 4)
+
+
 @pytest.mark.parametrize(("dtype", "result_dtype"), [("float64", "float64"), ("float32", "float32"), ("float16", "float32"), ("bfloat16", "float32")])
 def test_types_dtypes_and_shapes(xp, dtype, result_dtype):
     """float32 / float64 keep their dtype; 16-bit logits are computed in, and return, float32."""

@@ -89,13 +89,16 @@ MESHES = ["auto", "explicit"]
 CLASS_COUNTS = {"few classes (one-hot matmul)": 12, "many classes (scatter-add)": 200}
 
 
-# The gradient's occupancies: this CPU's way (the shares), and the mirror image that the JAX
-# adapter takes on GPUs (ctc_multi.backends.jax.OCCUPANCY), forced here in the child process;
-# and the shares with the lattice's emissions gathered frame by frame in the scan.
+# The gradient's occupancies: this CPU's way (the shares), with the scatter of many classes'
+# sums at flat indices (as a CPU does for K = 1024, ctc_multi.backends.jax.FLAT_SCATTER_STRIDES,
+# forced here in the child process); the mirror image that the JAX adapter takes on GPUs
+# (OCCUPANCY), with the GPUs' scatter down each class's column; and the shares with the
+# lattice's emissions gathered frame by frame in the scan (the columns, as for K = 200 on a CPU).
 WAYS = {
-    "shares": "pass",
-    "mirror image, as on GPUs": "import ctc_multi.backends.jax, ctc_multi.lattice; "
-    "ctc_multi.backends.jax.OCCUPANCY['cpu'] = ctc_multi.lattice.forward_and_occupancy_by_mirror",
+    "shares, scatter at flat indices": "import ctc_multi.backends.jax; ctc_multi.backends.jax.FLAT_SCATTER_STRIDES['cpu'] = 1",
+    "mirror image and column scatter, as on GPUs": "import ctc_multi.backends.jax, ctc_multi.lattice; "
+    "ctc_multi.backends.jax.OCCUPANCY['cpu'] = ctc_multi.lattice.forward_and_occupancy_by_mirror; "
+    "ctc_multi.backends.jax.FLAT_SCATTER_STRIDES.clear()",
     # Each frame's emissions gathered in the scan, as on a CPU from 2**18 lattice cells
     # (ctc_multi.backends.jax.GATHER_IN_SCAN_MIN_CELLS), forced here for this small problem.
     "shares, emissions gathered in the scan": "import ctc_multi.backends.jax; ctc_multi.backends.jax.GATHER_IN_SCAN_MIN_CELLS['cpu'] = 0",
