@@ -158,6 +158,30 @@ def test_kernels_counts_each_loop_kernel_once_per_scan_step(capsys):
             kernels.main(["--shape", "small", "--device", "cuda"])
 
 
+def test_kernels_timeline_lists_one_call_in_order_of_start(capsys):
+    """benchmarks/kernels.py --timeline: one profiled call's events, the loop among them, in the
+    order they started, each with its thread; a negative threshold is refused."""
+    jax = pytest.importorskip("jax")
+    if jax.default_backend() != "cpu":
+        pytest.skip("reads a CPU's trace")
+
+    kernels = load_beside_runner("kernels.py")
+    rows = kernels.timeline(kernels.prepared_call("small", "fwd"), min_us=0)
+    starts = [start for start, *_ in rows]
+    assert starts == sorted(starts) and starts[0] >= 0
+    assert sum(name.startswith("while") for *_, name in rows) == 1  # one call, one loop
+    assert all(duration >= 0 and thread >= 0 for _, duration, thread, _ in rows)
+    assert max(duration for _, duration, _, _ in rows) > 0
+    assert kernels.timeline(kernels.prepared_call("small", "fwd"), min_us=1e9) == []  # nothing lasts 1000 s
+
+    assert kernels.main(["--shape", "small", "--direction", "fwd", "--timeline", "0"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("small (B=8, T=100") and "one profiled call" in printed[0]
+    assert any("while" in line for line in printed[2:])
+    with pytest.raises(SystemExit):
+        kernels.main(["--shape", "small", "--timeline", "-1"])
+
+
 def test_a_round_collects_garbage_before_the_untimed_call_and_none_inside_the_timed_one(monkeypatch):
     """benchmarks/run.py's rounds: the collection comes ahead of the untimed call that warms the
     contender's caches (after it, it cooled them: benchmarks/latency.py), and the collector is off
