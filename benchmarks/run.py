@@ -6,9 +6,12 @@ time: above 1 means ctc_multi is faster. On a shared machine three things keep t
 honest: the contenders are timed in interleaved rounds (a burst of load hits all of them),
 each timed call follows an untimed one of the same contender with the garbage collector off
 (another contender's garbage is not collected inside it), and OpenMP threads sleep rather than
-spin between parallel regions (``--omp-wait-policy``).
+spin between parallel regions (``--omp-wait-policy``). Even so a shared machine moves a ratio
+by a fifth or more from one run to the next; ``--runs N`` makes N whole runs and reports, for
+each ratio and target, the median of the runs' ratios beside each run's.
 
     python benchmarks/run.py                     # named shapes on the CPU: table, JSON
+    python benchmarks/run.py --runs 3            # three whole runs; each ratio the median of the three
     python benchmarks/run.py --device cuda       # all shapes, big included, on the first GPU
     python benchmarks/run.py --sweep T --plot t.png   # time vs T (also N, K)
     python benchmarks/run.py --memory            # peak memory of jax fwd+bwd on `long`, vs optax
@@ -229,16 +232,18 @@ class Row:
     kernels: list[str] = field(default_factory=list)
     ratios: dict[str, dict[str, float]] = field(default_factory=dict)  # direction -> anchor -> anchor/ours
     error: str = ""
+    run: int = 1  # which of --runs measured it; 0 in the rows that combine every run (combine_runs)
+    ratios_by_run: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # direction -> anchor -> each run's ratio
 
     def timing(self, direction: str) -> Timing | None:
         return self.fwd if direction == "fwd" else self.fwd_bwd
 
 
-def measure_shape(shape: Shape, contenders, *, device: str, repeats: int, budget_s: float, seed: int = 0) -> list[Row]:
+def measure_shape(shape: Shape, contenders, *, device: str, repeats: int, budget_s: float, seed: int = 0, run: int = 1) -> list[Row]:
     case = compare.Case(random_problem(shape, seed, "float32"), blank_id=0, source=f"shape {shape}", seed=seed)
     rows, losses, functions = [], {}, {}
     for contender in contenders:
-        row = Row(shape.name, contender.name, contender.key, contender.anchor)
+        row = Row(shape.name, contender.name, contender.key, contender.anchor, run=run)
         rows.append(row)
         missing = contender.missing()
         if missing:
@@ -284,6 +289,37 @@ def _add_ratios(rows: list[Row]) -> None:
                 theirs = anchor.timing(direction)
                 if ours and theirs and not row.anchor:
                     row.ratios.setdefault(direction, {})[key] = theirs.median_ms / ours.median_ms
+
+
+def combine_runs(rows: list[Row]) -> list[Row]:
+    """The rows of several runs (``--runs``) as one row per shape and contender: each ratio the
+    median of the runs' ratios (not the ratio of median times: each run's ratio compares calls
+    timed side by side, which times from different runs do not), with every run's ratio kept in
+    ``ratios_by_run``; each time the median of the runs' medians, with those medians as its
+    ``times_ms``; the largest loss difference, and the first error, of any run."""
+    combined: dict[tuple[str, str], list[Row]] = {}
+    for row in rows:
+        combined.setdefault((row.shape, row.contender), []).append(row)
+
+    def timing(runs: list[Row], direction: str) -> Timing | None:
+        medians = [t.median_ms for t in (r.timing(direction) for r in runs) if t is not None]
+        return Timing(statistics.median(medians), medians) if medians else None
+
+    result = []
+    for runs in combined.values():
+        first = runs[0]
+        row = Row(first.shape, first.contender, first.key, first.anchor, device=first.device, kernels=first.kernels, run=0)
+        row.fwd, row.fwd_bwd = timing(runs, "fwd"), timing(runs, "fwd+bwd")
+        differences = [r.loss_rel_diff for r in runs if r.loss_rel_diff is not None]
+        row.loss_rel_diff = max(differences) if differences else None
+        row.error = next((r.error for r in runs if r.error), "")
+        for direction in DIRECTIONS:
+            for anchor in dict.fromkeys(a for r in runs for a in r.ratios.get(direction, {})):
+                each = [r.ratios[direction][anchor] for r in runs if anchor in r.ratios.get(direction, {})]
+                row.ratios_by_run.setdefault(direction, {})[anchor] = each
+                row.ratios.setdefault(direction, {})[anchor] = statistics.median(each)
+        result.append(row)
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,8 +417,11 @@ def shape_table(shape: Shape, rows: list[Row], anchors: list[str]) -> str:
     return "\n".join(lines)
 
 
-def summary_table(rows: list[Row], shapes: list[str], anchors: list[str]) -> str:
-    lines = ["ratios anchor time / ctc_multi time (> 1: ctc_multi faster)", f"{'backend':8s} {'direction':8s} {'vs':6s}" + "".join(f" {s:>8s}" for s in shapes)]
+RATIOS_TITLE = "ratios anchor time / ctc_multi time (> 1: ctc_multi faster)"
+
+
+def summary_table(rows: list[Row], shapes: list[str], anchors: list[str], title: str = RATIOS_TITLE) -> str:
+    lines = [title, f"{'backend':8s} {'direction':8s} {'vs':6s}" + "".join(f" {s:>8s}" for s in shapes)]
     for key in dict.fromkeys(row.key for row in rows if not row.anchor):
         for direction in DIRECTIONS:
             for anchor in anchors:
@@ -401,16 +440,21 @@ def check_targets(rows: list[Row], device: str) -> list[dict]:
             row = next((r for r in rows if r.shape == shape and r.key == key and not r.anchor), None)
             ratio = row.ratios.get(direction, {}).get(anchor) if row else None
             if ratio is not None:
-                results.append(dict(backend=key, direction=direction, anchor=anchor, shape=shape, target=at_least, ratio=ratio, met=ratio >= at_least))
+                result = dict(backend=key, direction=direction, anchor=anchor, shape=shape, target=at_least, ratio=ratio, met=ratio >= at_least)
+                if row.ratios_by_run:
+                    result["ratios_by_run"] = row.ratios_by_run[direction][anchor]
+                results.append(result)
     return results
 
 
-def targets_text(results: list[dict]) -> str:
-    lines = ["targets (issue 4; ratio anchor / ours, in this run):"]
+def targets_text(results: list[dict], runs: int = 1) -> str:
+    where = "in this run" if runs == 1 else f"the median of {runs} runs' ratios, each run's in brackets"
+    lines = [f"targets (issue 4; ratio anchor / ours, {where}):"]
     for r in results:
+        each = f" ({', '.join(f'{x:.2f}' for x in r['ratios_by_run'])})" if len(r.get("ratios_by_run", ())) > 1 else ""
         lines.append(
             f"  {'MET    ' if r['met'] else 'NOT MET'} {r['backend']:6s} {r['direction']:8s} vs {r['anchor']:6s} on {r['shape']:8s}"
-            f" {r['ratio']:6.2f}x (target >= {r['target']:g}x)"
+            f" {r['ratio']:6.2f}x{each} (target >= {r['target']:g}x)"
         )
     return "\n".join(lines)
 
@@ -660,6 +704,14 @@ def parse_args(argv=None):
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="jax and torch run there; numpy always on the CPU")
     parser.add_argument("--repeats", type=int, default=7, help=f"timed calls after a warm-up; the median is reported (at least {MIN_REPEATS})")
     parser.add_argument("--budget", type=float, default=60.0, help=f"seconds of timed rounds per shape after which they stop at {MIN_REPEATS}")
+    parser.add_argument(
+        "--runs",
+        type=int,
+        default=1,
+        help="whole runs over every shape, one after the other in this process; with more than one, the summary and the"
+        " targets take each ratio as the median of the runs' ratios, and the plot each time as the median of the runs'"
+        " times (the README's table: --runs 3)",
+    )
     parser.add_argument("--backends", type=_names, help="ctc_multi backends (default numpy,jax,torch,torch_ops: torch_ops is the torch backend with torch's own ops in its loop, which on a CPU otherwise runs NumPy's; on --device cuda the default is jax,torch)")
     parser.add_argument("--torch-threads", type=int, help="torch.set_num_threads (default: torch's own choice)")
     parser.add_argument(
@@ -692,6 +744,10 @@ def parse_args(argv=None):
     mode.add_argument("--memory-child", choices=("ctc_multi", "optax"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.repeats = max(args.repeats, MIN_REPEATS)
+    if args.runs < 1:
+        parser.error(f"--runs must be at least 1; got {args.runs}")
+    if args.runs > 1 and (args.memory or args.sweep):
+        parser.error("--runs applies to the shapes table, not to --memory or --sweep")
     if args.backends is None:  # numpy is CPU-only: on a GPU machine it would only time the host
         args.backends = ["jax", "torch"] if args.device == "cuda" else ["numpy", "jax", "torch", "torch_ops"]
     unknown = set(args.backends) - {c.key for c in OURS}
@@ -739,16 +795,26 @@ def main(argv=None) -> int:
             flush=True,
         )
         started = time.perf_counter()
-        rows: list[Row] = []
-        for name in shapes:
-            shape_rows = measure_shape(SHAPES[name], contenders, device=args.device, repeats=args.repeats, budget_s=args.budget)
-            rows += shape_rows
-            print("\n" + shape_table(SHAPES[name], shape_rows, anchors), flush=True)
+        measured: list[Row] = []
+        for run in range(1, args.runs + 1):
+            if args.runs > 1:
+                print(f"\n=== run {run} of {args.runs} ===", flush=True)
+            rows = []
+            for name in shapes:
+                shape_rows = measure_shape(SHAPES[name], contenders, device=args.device, repeats=args.repeats, budget_s=args.budget, run=run)
+                rows += shape_rows
+                print("\n" + shape_table(SHAPES[name], shape_rows, anchors), flush=True)
+            print("\n" + summary_table(rows, shapes, anchors, title=f"run {run} of {args.runs}: {RATIOS_TITLE}" if args.runs > 1 else RATIOS_TITLE))
+            measured += rows
+        rows = combine_runs(measured) if args.runs > 1 else measured
         targets = check_targets(rows, args.device)
-        print("\n" + summary_table(rows, shapes, anchors))
-        print("\n" + targets_text(targets))
+        if args.runs > 1:
+            print("\n" + summary_table(rows, shapes, anchors, title=f"median of the {args.runs} runs' {RATIOS_TITLE}"))
+        print("\n" + targets_text(targets, args.runs))
         print(f"\ntotal {time.perf_counter() - started:.0f} s; load average at the end " + " ".join(f"{x:.2f}" for x in os.getloadavg()))
-        data.update(results=[asdict(row) for row in rows], targets=targets)
+        data.update(runs=args.runs, results=[asdict(row) for row in measured], targets=targets)
+        if args.runs > 1:
+            data["combined"] = [asdict(row) for row in rows]
     path = args.json or default_json_path(args)
     write_json(path, data)
     print(f"results written to {path}")

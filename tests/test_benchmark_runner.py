@@ -220,3 +220,49 @@ def test_latency_times_both_jax_contenders_in_every_way_with_and_without_torch(c
     for arguments in (["--shape", "huge"], ["--repeats", "0"]):
         with pytest.raises(SystemExit):
             latency.main(arguments)
+
+
+def test_runs_report_each_ratio_as_the_median_of_the_runs_ratios_and_keep_every_run(monkeypatch, tmp_path, capsys):
+    """benchmarks/run.py --runs 3: every run is measured and kept in the JSON; the summary and the
+    targets take the median of the three runs' ratios (3.0 here), neither the ratio of the median
+    times (120 / 20 = 6.0) nor the first or last run's, and list each run's ratio; the argument
+    is checked."""
+    import json
+
+    runner = load_runner()
+
+    def prepare(case, device):
+        losses = np.zeros(case.problem.logits.shape[0])
+        return runner.compare.Prepared("cpu", lambda: losses, lambda: (losses, None), np.asarray)
+
+    monkeypatch.setattr(runner, "OURS", (runner.Contender("ctc_multi numpy", "numpy", False, (), prepare),))
+    monkeypatch.setattr(runner, "ANCHORS", (runner.Contender("torch F.ctc_loss", "torch", True, (), prepare),))
+    monkeypatch.setattr(runner, "torch_ctc_kernels", lambda function: [])
+    # Per run, ms of (ours, the anchor): ratios 2.0, 3.0 and 8.0.
+    per_run = iter([(10.0, 20.0), (40.0, 120.0), (20.0, 160.0)])
+
+    def timings(functions, **options):
+        ours, anchor = next(per_run)
+        return {key: runner.Timing(anchor if key[0] == "torch F.ctc_loss" else ours, [0.0]) for key in functions}
+
+    monkeypatch.setattr(runner, "interleaved_timings", timings)
+    path = tmp_path / "runs.json"
+    assert runner.main(["--shapes", "char", "--backends", "numpy", "--runs", "3", "--json", str(path)]) == 0
+
+    data = json.loads(path.read_text())
+    assert data["runs"] == 3
+    assert sorted((row["contender"], row["run"]) for row in data["results"]) == sorted(
+        (name, run) for name in ("ctc_multi numpy", "torch F.ctc_loss") for run in (1, 2, 3)
+    )
+    (ours,) = [row for row in data["combined"] if not row["anchor"]]
+    assert ours["ratios"]["fwd+bwd"]["torch"] == pytest.approx(3.0)
+    assert ours["ratios_by_run"]["fwd+bwd"]["torch"] == pytest.approx([2.0, 3.0, 8.0])
+    assert ours["fwd_bwd"]["median_ms"] == pytest.approx(20.0) and ours["fwd_bwd"]["times_ms"] == [10.0, 40.0, 20.0]
+    (target,) = [t for t in data["targets"] if t["backend"] == "numpy"]
+    assert target["ratio"] == pytest.approx(3.0) and target["met"] and target["ratios_by_run"] == pytest.approx([2.0, 3.0, 8.0])
+    printed = capsys.readouterr().out
+    assert "median of the 3 runs' ratios" in printed and "3.00x (2.00, 3.00, 8.00)" in printed
+
+    for arguments in (["--runs", "0"], ["--runs", "2", "--memory"], ["--runs", "2", "--sweep", "T"]):
+        with pytest.raises(SystemExit):
+            runner.parse_args(arguments)
