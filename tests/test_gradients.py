@@ -417,6 +417,35 @@ def test_torch_gradcheck(reduction, zero_infinity):
     )
 
 
+def test_torch_backward_of_the_sum_again_with_retain_graph():
+    """torch: the gradient of ``loss.sum()`` (cotangent all ones) is handed back unscaled, the
+    saved one itself. Backward passes over a retained graph must still agree with the reference
+    whatever the cotangent, accumulate in ``.grad``, and, once the returned gradient has been
+    changed in place, raise rather than return the changed numbers."""
+    torch = pytest.importorskip("torch")
+    problem = random_problem(np.random.default_rng(91), 3, 6, 4, 3, frame_layout="middle")
+    _, expected = ctc_reference(*problem)
+    weights = np.array([2.0, -0.5, 3.0])
+    logits = torch.tensor(problem.logits, dtype=torch.float64, requires_grad=True)
+    loss = ctc_multi.ctc_loss(logits, *(torch.as_tensor(array) for array in problem[1:]))
+
+    (of_sum,) = torch.autograd.grad(loss.sum(), logits, retain_graph=True)
+    (weighted,) = torch.autograd.grad((loss * torch.as_tensor(weights)).sum(), logits, retain_graph=True)
+    (again,) = torch.autograd.grad(loss.sum(), logits, retain_graph=True)
+    tolerance = TOLERANCE["gradient_float64"]
+    np.testing.assert_allclose(of_sum.numpy(), expected, **tolerance)
+    np.testing.assert_allclose(weighted.numpy(), expected * weights[:, None, None], **tolerance)
+    np.testing.assert_allclose(again.numpy(), expected, **tolerance)
+
+    loss.sum().backward(retain_graph=True)
+    loss.sum().backward(retain_graph=True)
+    np.testing.assert_allclose(logits.grad.numpy(), 2 * expected, **tolerance)
+
+    of_sum.mul_(5.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(loss.sum(), logits)
+
+
 # ---------------------------------------------------------------------------------------------
 # Property tests: random small problems, every backend against the reference
 # ---------------------------------------------------------------------------------------------

@@ -40,6 +40,9 @@ Each adapter module provides:
   final carry and the (T, B, N + 1) occupancies (:func:`ctc_multi.lattice.by_column`): :func:`ctc_multi.lattice.forward_and_occupancy_by_shares`
   where the arithmetic is the cost, :func:`ctc_multi.lattice.forward_and_occupancy_by_mirror`
   where each operation's dispatch or launch is (JAX picks by platform: the shares on a CPU);
+* ``is_all_ones(x)``: whether ``x`` is known to hold only ones without waiting on a device or
+  breaking a trace (then the explicit gradient is handed back unscaled, see
+  ``losses._Problem.backward``);
 * ``detach(x)``: ``x`` cut from any autodiff graph (explicit gradients need none);
 * ``compiled(function, num_static)``: ``function`` compiled for its first ``num_static``
   (hashable) arguments where the framework compiles (``jax.jit``), else ``function`` itself.
@@ -70,6 +73,7 @@ ADAPTER_NAMES = (
     "from_numpy",
     "scaled_sums",
     "forward_and_occupancy",
+    "is_all_ones",
     "detach",
     "compiled",
 )
