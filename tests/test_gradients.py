@@ -417,6 +417,25 @@ def test_torch_gradcheck(reduction, zero_infinity):
     )
 
 
+def test_torch_second_derivatives_are_refused():
+    """torch: the explicit gradient is a constant to any outer differentiation, so a second
+    derivative must fail loudly, never come out as zero: plain autograd finds nothing that
+    requires grad, and torch.func refuses the autograd function outright."""
+    torch = pytest.importorskip("torch")
+    problem = random_problem(np.random.default_rng(92), 2, 5, 3, 2)
+    rest = tuple(torch.as_tensor(array) for array in problem[1:])
+    logits = torch.tensor(problem.logits, requires_grad=True)
+    (gradient,) = torch.autograd.grad(ctc_multi.ctc_loss(logits, *rest).sum(), logits, create_graph=True)
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        torch.autograd.grad(gradient.sum(), logits)
+
+    def summed(x):
+        return ctc_multi.ctc_loss(x, *rest).sum()
+
+    with pytest.raises(RuntimeError, match="setup_context"):
+        torch.func.grad(lambda x: torch.func.grad(summed)(x).sum())(torch.tensor(problem.logits))
+
+
 def test_torch_backward_of_the_sum_again_with_retain_graph():
     """torch: the gradient of ``loss.sum()`` (cotangent all ones) is handed back unscaled, the
     saved one itself. Backward passes over a retained graph must still agree with the reference
