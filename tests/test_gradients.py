@@ -417,6 +417,28 @@ def test_torch_gradcheck(reduction, zero_infinity):
     )
 
 
+def test_jax_second_derivatives_match_finite_differences(jax_x64):
+    """JAX: reverse over reverse through the custom_vjp (its forward, which makes the gradient,
+    is traced JAX): a Hessian-vector product of the summed loss against central differences of
+    the float64 reference's gradient."""
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(93)
+    problem = random_problem(rng, 2, 6, 4, 2, frame_layout="middle", min_label_length=1)
+    direction = rng.normal(size=problem.logits.shape)
+    rest = tuple(jnp.asarray(array) for array in problem[1:])
+
+    def gradient(x):
+        return jax.grad(lambda y: jnp.sum(ctc_multi.ctc_loss(y, *rest)))(x)
+
+    product = jax.jit(jax.grad(lambda x: jnp.vdot(gradient(x), jnp.asarray(direction))))(jnp.asarray(problem.logits))
+    step = 1e-5
+    up = ctc_reference(problem.logits + step * direction, *problem[1:])[1]
+    down = ctc_reference(problem.logits - step * direction, *problem[1:])[1]
+    np.testing.assert_allclose(np.asarray(product), (up - down) / (2 * step), **TOLERANCE["finite_difference_float64"])
+
+
 def test_torch_second_derivatives_are_refused():
     """torch: the explicit gradient is a constant to any outer differentiation, so a second
     derivative must fail loudly, never come out as zero: plain autograd finds nothing that
