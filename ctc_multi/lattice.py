@@ -320,18 +320,34 @@ def log_softmax_parts(xp, logits: Array) -> tuple[Array, Array]:
     return peak, xp.log(xp.sum(xp.exp(logits - peak[..., None]), axis=-1))
 
 
-def softmax(xp, lattice: "Lattice", *, overwrite_log_probs: bool = False) -> Array:
-    """(B, T, K) probabilities of every class.
+# Elements per block of NumPy's scaled softmax: the product with the scale reads each block of
+# exponentials while it is still in cache.
+SCALED_EXP_BLOCK = 1 << 16
+
+
+def softmax(xp, lattice: "Lattice", *, overwrite_log_probs: bool = False, scale: Array | None = None) -> Array:
+    """(B, T, K) probabilities of every class, each sequence's times its ``scale`` (B,) if given.
 
     ``overwrite_log_probs``: the caller needs the lattice's ``log_probs`` no more, so NumPy
     writes the probabilities over them (one (B, T, K) array fewer per gradient: each new page
-    of a fresh array costs a fault, and on `vocab5k` the array is 48 MB).
+    of a fresh array costs a fault, and on `vocab5k` the array is 48 MB), and scales them a
+    block of frames at a time while the block is in cache.
     """
     if lattice.log_probs is not None:
         if overwrite_log_probs and is_numpy_namespace(xp):
-            return xp.exp(lattice.log_probs, out=lattice.log_probs)
-        return xp.exp(lattice.log_probs)
-    return xp.exp((lattice.logits - lattice.frame_peak[..., None]) - lattice.frame_log_total[..., None])
+            log_probs = lattice.log_probs
+            if scale is None:
+                return xp.exp(log_probs, out=log_probs)
+            frames = max(1, SCALED_EXP_BLOCK // log_probs.shape[2])
+            for sequence in range(log_probs.shape[0]):
+                for start in range(0, log_probs.shape[1], frames):
+                    block = log_probs[sequence, start : start + frames]
+                    xp.multiply(xp.exp(block, out=block), scale[sequence], out=block)
+            return log_probs
+        probabilities = xp.exp(lattice.log_probs)
+    else:
+        probabilities = xp.exp((lattice.logits - lattice.frame_peak[..., None]) - lattice.frame_log_total[..., None])
+    return probabilities if scale is None else probabilities * xp.astype(scale, probabilities.dtype)[:, None, None]
 
 
 def log_softmax_of_classes(xp, lattice: "Lattice", classes: Array) -> Array:
@@ -974,7 +990,13 @@ def zero_frames_by_where(xp, values: Array, frame_zeroed: Array) -> Array:
 
 
 def logits_gradient(
-    xp, lattice: Lattice, occupancy: Array, subtract_per_class: Callable, zero_frames: Callable, zeroed_sequences: Array | None = None
+    xp,
+    lattice: Lattice,
+    occupancy: Array,
+    subtract_per_class: Callable,
+    zero_frames: Callable,
+    zeroed_sequences: Array | None = None,
+    scale: Array | None = None,
 ) -> Array:
     """(B, T, K) d loss / d logits = softmax - occupancy summed per class (eq. 16 through the
     softmax), from the (T, B, N + 1) ``occupancy`` :func:`by_column`.
@@ -985,9 +1007,13 @@ def logits_gradient(
     here and owned by no one else (on `bpe` NumPy's gradient took 15 ms in place against 43 ms
     with a scatter into zeros, a subtraction and a select). Here C = N + 1 columns.
     Padded frames get zero, and so does every frame of the ``zeroed_sequences`` (B,), if given.
+    Each sequence's gradient is multiplied by its ``scale`` (B,), if given (a mean's weights).
     The lattice's ``log_probs`` are spent here: NumPy writes the softmax over them.
     """
     columns = xp.permute_dims(occupancy, (1, 0, 2))  # zero on the padded labels' columns
+    if scale is not None:
+        scale = xp.astype(scale, columns.dtype)
+        columns = columns * scale[:, None, None]
     classes = xp.concat([lattice.state_classes[:, :1], lattice.state_classes[:, 1::2]], axis=-1)
     frame_zeroed = lattice.logit_padded
     if zeroed_sequences is not None:
@@ -996,5 +1022,5 @@ def logits_gradient(
     # into it in place, two passes over (B, T, K) instead of four (JAX forward+backward on
     # `bpe` and `vocab5k` 1.1x faster). A padded frame's occupancy repeats the next valid one's.
     columns = zero_frames(xp, columns, frame_zeroed)
-    probabilities = zero_frames(xp, softmax(xp, lattice, overwrite_log_probs=True), frame_zeroed)
+    probabilities = zero_frames(xp, softmax(xp, lattice, overwrite_log_probs=True, scale=scale), frame_zeroed)
     return subtract_per_class(xp, probabilities, columns, classes)

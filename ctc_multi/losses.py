@@ -119,27 +119,52 @@ class _Problem:
         final, _ = self.recursion(lattice, semiring=self.sum_semiring(lattice))
         return self._loss(lattice, final)
 
-    def forward_with_residuals(self, *arrays):
+    def forward_with_residuals(self, *arrays, scale=None):
         """(B,) loss and, as the one residual the backward pass needs, the (B, T, K) gradient of
         each sequence's loss, from the occupancies of the backend's ``forward_and_occupancy``:
         NumPy, and JAX on a CPU, record each state's shares in the forward scan that gives the
         loss and turn them into occupancies with one reverse scan of multiplies and adds; torch,
         and JAX elsewhere, scan the lattice and its mirror image at once (``forward_and_occupancy_by_shares`` and
-        ``forward_and_occupancy_by_mirror`` in :mod:`ctc_multi.lattice`)."""
+        ``forward_and_occupancy_by_mirror`` in :mod:`ctc_multi.lattice`). ``scale`` (B,), if
+        given, multiplies each sequence's gradient as it is made."""
         xp = self.xp
         lattice = self.lattice(*arrays, differentiable=False)
         final, occupancy = self.occupancy(lattice)
         backend = self.backend
         infeasible = ~lattice.feasible if self.zero_infinity else None
-        gradient = logits_gradient(xp, lattice, occupancy, backend.subtract_per_class, backend.zero_frames, infeasible)
+        gradient = logits_gradient(xp, lattice, occupancy, backend.subtract_per_class, backend.zero_frames, infeasible, scale)
         return self._loss(lattice, final), (gradient,)
 
+    def reduced_forward(self, *arrays, reduction: str):
+        """The "sum" or "mean" of the losses, a () array; for "mean" the arrays end with the (B,)
+        weights of :func:`_mean_weights`."""
+        arrays, weights = _split_weights(arrays, reduction)
+        return self._reduced(self.forward(*arrays), weights)
+
+    def reduced_forward_with_residuals(self, *arrays, reduction: str):
+        """:meth:`reduced_forward` and the gradient of that reduced loss: a mean's weights are
+        taken into the gradient as it is made (:func:`~ctc_multi.lattice.logits_gradient`), so that the backward
+        pass of a reduced loss (its cotangent a () one, 1 for ``.backward()``) needs no pass of
+        its own over (B, T, K) and no fresh array."""
+        arrays, weights = _split_weights(arrays, reduction)
+        scale = None if weights is None else weights / weights.shape[0]
+        loss, residuals = self.forward_with_residuals(*arrays, scale=scale)
+        return self._reduced(loss, weights), residuals
+
+    def _reduced(self, loss, weights):
+        xp = self.xp
+        if weights is None:  # "sum"
+            return xp.reshape(xp.sum(loss, keepdims=True), ())  # keepdims: NumPy would give a scalar
+        # "mean": a mean of no losses is NaN (0 / 0), as xp.mean gives it
+        return xp.reshape(xp.sum(loss * xp.astype(weights, loss.dtype), keepdims=True) / weights.shape[0], ())
+
     def backward(self, residuals, loss_cotangent):
-        """(B, T, K) cotangent of the logits (eq. 16 of Graves et al., from ``forward_with_residuals``)."""
+        """(B, T, K) cotangent of the logits (eq. 16 of Graves et al., from ``forward_with_residuals``,
+        or from ``reduced_forward_with_residuals`` with a () cotangent)."""
         (gradient,) = residuals
         if self.backend.is_all_ones(loss_cotangent):  # d sum(loss): no pass over (B, T, K) to scale by one
             return gradient
-        return gradient * self.xp.astype(loss_cotangent, gradient.dtype)[:, None, None]
+        return gradient * self.xp.reshape(self.xp.astype(loss_cotangent, gradient.dtype), (-1, 1, 1))
 
 
 def _arrays(inputs: CTCInputs):
@@ -147,12 +172,21 @@ def _arrays(inputs: CTCInputs):
 
 
 def _loss(problem: _Problem, reduction: str, *arrays):
+    """The loss, reduced inside the function whose gradient is explicit (:meth:`_Problem.reduced_forward`),
+    so that a reduced loss's gradient comes already weighted."""
+    if reduction == "none":
+        forward, forward_with_residuals = _Problem.forward, _Problem.forward_with_residuals
+    else:
+        forward = partial(_Problem.reduced_forward, reduction=reduction)
+        forward_with_residuals = partial(_Problem.reduced_forward_with_residuals, reduction=reduction)
+    if reduction == "mean":
+        arrays = arrays + (_mean_weights(problem.xp, arrays[0], arrays[3]),)
     differentiable = problem.backend.with_explicit_gradient(
-        partial(problem.where_the_loop_runs_fastest, _Problem.forward),
-        partial(problem.where_the_loop_runs_fastest, _Problem.forward_with_residuals),
+        partial(problem.where_the_loop_runs_fastest, forward),
+        partial(problem.where_the_loop_runs_fastest, forward_with_residuals),
         problem.backward,
     )
-    return _reduce(problem.xp, differentiable(*arrays), arrays[3], reduction)
+    return differentiable(*arrays)
 
 
 def _loss_and_grad(problem: _Problem, logits, *others):
@@ -177,13 +211,17 @@ def _check_reduction(reduction) -> str:
     return reduction
 
 
-def _reduce(xp, loss, label_padded, reduction: str):
-    if reduction == "none":
-        return loss
-    if reduction == "sum":
-        return xp.reshape(xp.sum(loss, keepdims=True), ())  # keepdims: NumPy would give a scalar
-    lengths = label_padded.shape[1] - xp.sum(xp.astype(label_padded, loss.dtype), axis=1)
-    return xp.reshape(xp.mean(loss / xp.maximum(lengths, xp.ones_like(lengths)), keepdims=True), ())
+def _mean_weights(xp, logits, label_padded):
+    """(B,) weight of each sequence's loss in torch's "mean": one over its label length, at least
+    1 (the weighted losses are then averaged over the batch)."""
+    ones = xp.ones_like(label_padded[:, 0], dtype=logits.dtype)  # the loss's dtype (check_inputs casts half precisions)
+    lengths = label_padded.shape[1] - xp.sum(xp.astype(label_padded, logits.dtype), axis=1)
+    return ones / xp.maximum(lengths, ones)
+
+
+def _split_weights(arrays: tuple, reduction: str):
+    """(the four arrays of a call, the mean's (B,) weights or None)."""
+    return (arrays[:-1], arrays[-1]) if reduction == "mean" else (arrays, None)
 
 
 def ctc_loss_with_forward_probs(

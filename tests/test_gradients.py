@@ -255,6 +255,22 @@ def test_reductions(xp, reduction, zero_infinity):
         np.testing.assert_allclose(autodiff_grad, expected_grad, **TOLERANCE["gradient_float64"])
 
 
+@pytest.mark.parametrize("frames_per_block", [1, 2, 3, 100])
+def test_torch_mean_gradient_scaled_in_blocks(monkeypatch, frames_per_block):
+    """torch on a CPU: a "mean" takes its weights into the gradient as NumPy's softmax is made,
+    a block of frames at a time (``SCALED_EXP_BLOCK`` elements); blocks that split the frames
+    unevenly, one frame each, and one block for all must each give the reference's gradient."""
+    torch = pytest.importorskip("torch")
+    import ctc_multi.lattice
+
+    problem = Problem(*(array[:INFEASIBLE_ROW] for array in mixed_problem()))
+    monkeypatch.setattr(ctc_multi.lattice, "SCALED_EXP_BLOCK", frames_per_block * problem.logits.shape[2])
+    _, expected = expected_values(problem, reduction="mean")
+    logits = torch.tensor(problem.logits, requires_grad=True)
+    ctc_multi.ctc_loss(logits, *(torch.as_tensor(array) for array in problem[1:]), reduction="mean").backward()
+    np.testing.assert_allclose(logits.grad.numpy(), expected, **TOLERANCE["gradient_float64"])
+
+
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
 def test_reduced_losses_keep_the_array_type(xp, reduction):
     """Array type in, array type out: a 0-d array for "sum" and "mean", not a NumPy scalar."""
