@@ -7,6 +7,7 @@ shared machine hits both alike, and the ratio old / new needs no anchor.
     python benchmarks/ab.py --against bdf0789                  # numpy and torch, fwd+bwd
     python benchmarks/ab.py --against HEAD~1 --backends jax --shapes char,long --direction fwd
     python benchmarks/ab.py --against HEAD~1 --backends torch_ops      # torch's own ops in the loop
+    python benchmarks/ab.py --against HEAD~1 --backends torch,jax --reduction mean   # ctc_loss(..., reduction="mean")
 
 The earlier version is taken with ``git archive`` into a temporary folder and imported under
 another name (the package's imports are all relative). The contenders are those of ``run.py``
@@ -64,6 +65,28 @@ def prepared(package: ModuleType, problem, backend: str):
     return module.BACKENDS[backend].prepare(case, "cpu")
 
 
+def reduced(package: ModuleType, problem, backend: str, reduction: str):
+    """forward+backward of ``package.ctc_loss(..., reduction=reduction)`` (the () loss
+    differentiated as it is, as a training step would), for ``backend`` jax or torch on the CPU."""
+    if backend == "torch":
+        import torch
+
+        logits, *others = (torch.as_tensor(array) for array in problem)
+
+        def torch_forward_backward():
+            leaf = logits.detach().requires_grad_(True)
+            loss = package.ctc_loss(leaf, *others, reduction=reduction)
+            (gradient,) = torch.autograd.grad(loss, leaf)
+            return loss.detach(), gradient
+
+        return torch_forward_backward
+    import jax
+
+    arrays = [jax.device_put(array, jax.devices("cpu")[0]) for array in problem]
+    function = jax.jit(jax.value_and_grad(lambda logits, *others: package.ctc_loss(logits, *others, reduction=reduction)))
+    return lambda: jax.block_until_ready(function(*arrays))
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--against", required=True, help="the earlier commit (anything git rev-parse takes)")
@@ -71,6 +94,9 @@ def parse_args(argv=None):
     parser.add_argument("--backends", type=run._names, default=["numpy", "torch"], help="among numpy,jax,torch,torch_ops (CPU; torch_ops: as in run.py)")
     parser.add_argument("--direction", choices=run.DIRECTIONS, default="fwd+bwd")
     parser.add_argument("--rounds", type=int, default=9, help=f"timed interleaved rounds (at least {run.MIN_REPEATS})")
+    parser.add_argument(
+        "--reduction", choices=("sum", "mean"), help="time forward+backward of ctc_loss(..., reduction=...) instead (backends jax and torch)"
+    )
     args = parser.parse_args(argv)
     args.rounds = max(args.rounds, run.MIN_REPEATS)
     unknown = set(args.shapes) - set(SHAPES)
@@ -79,6 +105,8 @@ def parse_args(argv=None):
     unknown = set(args.backends) - {"numpy", "jax", "torch", "torch_ops"}
     if unknown:
         parser.error(f"unknown backend(s) {', '.join(sorted(unknown))}; choose from numpy, jax, torch, torch_ops")
+    if args.reduction and (set(args.backends) - {"jax", "torch"} or args.direction != "fwd+bwd"):
+        parser.error("--reduction times forward+backward of the jax and torch backends only: give --backends among jax,torch")
     return args
 
 
@@ -86,19 +114,31 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as run.py: before torch initialises OpenMP
     earlier = import_at(args.against)
-    print(f"{args.direction}, median of {args.rounds} interleaved rounds; old = {earlier.__name__}, new = this checkout", flush=True)
+    what = f'ctc_loss(..., reduction="{args.reduction}") fwd+bwd' if args.reduction else args.direction
+    print(f"{what}, median of {args.rounds} interleaved rounds; old = {earlier.__name__}, new = this checkout", flush=True)
     print(f"{'shape':8s} {'backend':8s} {'old ms':>9s} {'new ms':>9s} {'old/new':>8s} {'loss Δrel':>10s}")
     for shape in args.shapes:
         problem = random_problem(SHAPES[shape], 0, "float32")
         for backend in args.backends:
+            if args.reduction:
+                functions = {key: reduced(package, problem, backend, args.reduction) for key, package in (("old", earlier), ("new", ctc_multi))}
+                losses = {key: np.asarray(function()[0], dtype=np.float64) for key, function in functions.items()}
+                timings = run.interleaved_timings(functions, repeats=args.rounds, budget_s=math.inf)
+                report(shape, backend, timings, losses)
+                continue
             versions = {"old": prepared(earlier, problem, backend), "new": prepared(ctc_multi, problem, backend)}
             losses = {key: np.asarray(version.to_numpy(version.forward()), dtype=np.float64) for key, version in versions.items()}
             method = "forward" if args.direction == "fwd" else "forward_backward"
             timings = run.interleaved_timings({key: getattr(version, method) for key, version in versions.items()}, repeats=args.rounds, budget_s=math.inf)
-            old, new = timings["old"].median_ms, timings["new"].median_ms
-            difference = float(np.max(np.abs(losses["new"] - losses["old"]) / np.maximum(1.0, np.abs(losses["old"]))))
-            print(f"{shape:8s} {backend:8s} {old:9.1f} {new:9.1f} {old / new:8.2f} {difference:10.1e}", flush=True)
+            report(shape, backend, timings, losses)
     return 0
+
+
+def report(shape: str, backend: str, timings: dict, losses: dict) -> None:
+    """One line: both versions' median times, old / new, and the losses' largest relative difference."""
+    old, new = timings["old"].median_ms, timings["new"].median_ms
+    difference = float(np.max(np.abs(losses["new"] - losses["old"]) / np.maximum(1.0, np.abs(losses["old"]))))
+    print(f"{shape:8s} {backend:8s} {old:9.1f} {new:9.1f} {old / new:8.2f} {difference:10.1e}", flush=True)
 
 
 if __name__ == "__main__":

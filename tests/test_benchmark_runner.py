@@ -72,6 +72,30 @@ def test_ab_imports_a_commits_package_under_its_own_name_and_times_the_same_call
     assert flags and not any(flags) and adapter.LOOP_IN_NUMPY_ON_CPU
 
 
+@pytest.mark.skipif(shutil.which("git") is None or not (RUNNER.parent.parent / ".git").exists(), reason="needs git and a git checkout")
+def test_ab_reduction_times_each_versions_reduced_loss():
+    """benchmarks/ab.py --reduction mean: both versions' forward+backward of the reduced loss,
+    whose value is torch's mean of the float64 reference's losses; refused for NumPy by name."""
+    import ctc_multi
+    from ctc_multi.shapes import SHAPES, random_problem
+    from reference import ctc_reference
+
+    ab = load_beside_runner("ab.py")
+    with pytest.raises(SystemExit):
+        ab.parse_args(["--against", "HEAD", "--backends", "numpy", "--reduction", "mean"])
+    earlier = ab.import_at("HEAD")
+    problem = random_problem(SHAPES["small"], 0, "float32")
+    losses, _ = ctc_reference(*problem)
+    lengths = np.maximum(np.sum(problem.label_paddings == 0, axis=1), 1)
+    expected = np.mean(losses / lengths)
+    backends = [name for name in ("torch", "jax") if importlib.util.find_spec(name)]
+    for backend in backends:
+        for package in (earlier, ctc_multi):
+            loss, gradient = ab.reduced(package, problem, backend, "mean")()
+            np.testing.assert_allclose(float(np.asarray(loss)), expected, rtol=1e-5)
+            assert tuple(gradient.shape) == problem.logits.shape
+
+
 @pytest.mark.parametrize("way", ["shares", "mirror"])
 def test_occupancy_option_sets_every_chosen_adapters_way(way, monkeypatch):
     """run.py --occupancy: NumPy's adapter (it runs torch's loop on a CPU) and those of the chosen
