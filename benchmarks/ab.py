@@ -18,6 +18,7 @@ timed by ``run.interleaved_timings``. The losses of the two versions are compare
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import io
 import math
@@ -55,36 +56,22 @@ def import_at(revision: str, repository: Path = HERE.parent) -> ModuleType:
     return importlib.import_module(name)
 
 
-def prepared(package: ModuleType, problem, backend: str):
-    """``package``'s contender for ``backend``, ready to run on ``problem``."""
+def prepared(package: ModuleType, problem, backend: str, reduction: str | None = None):
+    """``package``'s contender for ``backend``, ready to run on ``problem``; with ``reduction``
+    ("sum" or "mean"; jax and torch), of ``ctc_loss(..., reduction=reduction)``, prepared as
+    that version's ``ctc-multi compare`` prepares its own loss (the () loss differentiated as
+    it is, as a training step would)."""
     module = importlib.import_module(f"{package.__name__}.compare")
     case = module.Case(problem, blank_id=0, source="ab")
+    if reduction is not None:
+        loss_function = functools.partial(package.ctc_loss, blank_id=0, reduction=reduction)
+        if backend == "torch":
+            return module._torch_prepared("cpu", loss_function, problem.logits, problem[1:])
+        return module._jax_prepared(case, "cpu", loss_function)
     if backend == "torch_ops":  # as run.py's: the torch backend with torch's own ops in its loop
         own_ops = importlib.import_module(f"{package.__name__}.backends.torch")
         return run.with_torch_ops(module.BACKENDS["torch"].prepare(case, "cpu"), own_ops)
     return module.BACKENDS[backend].prepare(case, "cpu")
-
-
-def reduced(package: ModuleType, problem, backend: str, reduction: str):
-    """forward+backward of ``package.ctc_loss(..., reduction=reduction)`` (the () loss
-    differentiated as it is, as a training step would), for ``backend`` jax or torch on the CPU."""
-    if backend == "torch":
-        import torch
-
-        logits, *others = (torch.as_tensor(array) for array in problem)
-
-        def torch_forward_backward():
-            leaf = logits.detach().requires_grad_(True)
-            loss = package.ctc_loss(leaf, *others, reduction=reduction)
-            (gradient,) = torch.autograd.grad(loss, leaf)
-            return loss.detach(), gradient
-
-        return torch_forward_backward
-    import jax
-
-    arrays = [jax.device_put(array, jax.devices("cpu")[0]) for array in problem]
-    function = jax.jit(jax.value_and_grad(lambda logits, *others: package.ctc_loss(logits, *others, reduction=reduction)))
-    return lambda: jax.block_until_ready(function(*arrays))
 
 
 def parse_args(argv=None):
@@ -120,25 +107,14 @@ def main(argv=None) -> int:
     for shape in args.shapes:
         problem = random_problem(SHAPES[shape], 0, "float32")
         for backend in args.backends:
-            if args.reduction:
-                functions = {key: reduced(package, problem, backend, args.reduction) for key, package in (("old", earlier), ("new", ctc_multi))}
-                losses = {key: np.asarray(function()[0], dtype=np.float64) for key, function in functions.items()}
-                timings = run.interleaved_timings(functions, repeats=args.rounds, budget_s=math.inf)
-                report(shape, backend, timings, losses)
-                continue
-            versions = {"old": prepared(earlier, problem, backend), "new": prepared(ctc_multi, problem, backend)}
+            versions = {"old": prepared(earlier, problem, backend, args.reduction), "new": prepared(ctc_multi, problem, backend, args.reduction)}
             losses = {key: np.asarray(version.to_numpy(version.forward()), dtype=np.float64) for key, version in versions.items()}
             method = "forward" if args.direction == "fwd" else "forward_backward"
             timings = run.interleaved_timings({key: getattr(version, method) for key, version in versions.items()}, repeats=args.rounds, budget_s=math.inf)
-            report(shape, backend, timings, losses)
+            old, new = timings["old"].median_ms, timings["new"].median_ms
+            difference = float(np.max(np.abs(losses["new"] - losses["old"]) / np.maximum(1.0, np.abs(losses["old"]))))
+            print(f"{shape:8s} {backend:8s} {old:9.1f} {new:9.1f} {old / new:8.2f} {difference:10.1e}", flush=True)
     return 0
-
-
-def report(shape: str, backend: str, timings: dict, losses: dict) -> None:
-    """One line: both versions' median times, old / new, and the losses' largest relative difference."""
-    old, new = timings["old"].median_ms, timings["new"].median_ms
-    difference = float(np.max(np.abs(losses["new"] - losses["old"]) / np.maximum(1.0, np.abs(losses["old"]))))
-    print(f"{shape:8s} {backend:8s} {old:9.1f} {new:9.1f} {old / new:8.2f} {difference:10.1e}", flush=True)
 
 
 if __name__ == "__main__":
