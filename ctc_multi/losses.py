@@ -136,20 +136,22 @@ class _Problem:
         return self._loss(lattice, final), (gradient,)
 
     def reduced_forward(self, *arrays, reduction: str):
-        """The "sum" or "mean" of the losses, a () array; for "mean" the arrays end with the (B,)
-        weights of :func:`_mean_weights`."""
-        arrays, weights = _split_weights(arrays, reduction)
-        return self._reduced(self.forward(*arrays), weights)
+        """The "sum" or "mean" of the losses, a () array."""
+        return self._reduced(self.forward(*arrays), self._weights(arrays, reduction))
 
     def reduced_forward_with_residuals(self, *arrays, reduction: str):
         """:meth:`reduced_forward` and the gradient of that reduced loss: a mean's weights are
         taken into the gradient as it is made (:func:`~ctc_multi.lattice.logits_gradient`), so that the backward
         pass of a reduced loss (its cotangent a () one, 1 for ``.backward()``) needs no pass of
         its own over (B, T, K) and no fresh array."""
-        arrays, weights = _split_weights(arrays, reduction)
+        weights = self._weights(arrays, reduction)
         scale = None if weights is None else weights / weights.shape[0]
         loss, residuals = self.forward_with_residuals(*arrays, scale=scale)
         return self._reduced(loss, weights), residuals
+
+    def _weights(self, arrays, reduction: str):
+        """A mean's (B,) weights (:func:`_mean_weights`) of the call's arrays; None for a sum."""
+        return _mean_weights(self.xp, arrays[0], arrays[3]) if reduction == "mean" else None
 
     def _reduced(self, loss, weights):
         xp = self.xp
@@ -179,8 +181,6 @@ def _loss(problem: _Problem, reduction: str, *arrays):
     else:
         forward = partial(_Problem.reduced_forward, reduction=reduction)
         forward_with_residuals = partial(_Problem.reduced_forward_with_residuals, reduction=reduction)
-    if reduction == "mean":
-        arrays = arrays + (_mean_weights(problem.xp, arrays[0], arrays[3]),)
     differentiable = problem.backend.with_explicit_gradient(
         partial(problem.where_the_loop_runs_fastest, forward),
         partial(problem.where_the_loop_runs_fastest, forward_with_residuals),
@@ -217,11 +217,6 @@ def _mean_weights(xp, logits, label_padded):
     ones = xp.ones_like(label_padded[:, 0], dtype=logits.dtype)  # the loss's dtype (check_inputs casts half precisions)
     lengths = label_padded.shape[1] - xp.sum(xp.astype(label_padded, logits.dtype), axis=1)
     return ones / xp.maximum(lengths, ones)
-
-
-def _split_weights(arrays: tuple, reduction: str):
-    """(the four arrays of a call, the mean's (B,) weights or None)."""
-    return (arrays[:-1], arrays[-1]) if reduction == "mean" else (arrays, None)
 
 
 def ctc_loss_with_forward_probs(
