@@ -25,6 +25,9 @@
 # On the H100 (2026-11-27, benchmarks/gpu_runs/2026-11-27-h100/, before step 6 existed) steps 2
 # to 5 took 19, 168, 15 and 27 s, the whole suite 150 s, the kernels 4 s and the shares 81 s; the
 # unroll sweep was left out of BUDGET_S=480 (about 30 s of the 15 minutes went on the start).
+# On the next H100 (benchmarks/gpu_runs/2026-11-27-h100-db48c31/) steps 2 to 8 took 14, 159, 15,
+# 20, 36, 155 and 5 s; the shares' step was cut at the 65 s left of BUDGET_S=480 after char and
+# long, and the unroll sweep was skipped (about 30 s went on the start).
 #
 # ctc_multi runs from this checkout (PYTHONPATH), nothing is installed. Pure-Python test
 # dependencies missing on the machine (array-api-compat is required, array-api-strict is for the
