@@ -20,8 +20,9 @@
 #   6. what run.py's round adds to small's jax fwd+bwd, ours and optax's (benchmarks/latency.py)
 #   7. the whole test suite (JAX tests run on the GPU there: jax puts new arrays on it by default)
 #   8. the kernels of jax fwd+bwd on bpe (benchmarks/kernels.py)
-#   9. jax fwd+bwd with the occupancies of the shares instead of its GPU default, the mirror image
-#  10. jax fwd+bwd against optax for several loop unrolls (benchmarks/gpu_unroll.py)
+#   9. jax fwd+bwd against optax for several loop unrolls (benchmarks/gpu_unroll.py)
+#  10. jax fwd+bwd with the occupancies of the shares instead of its GPU default, the mirror image
+#      (last, since two runs have measured it: the unroll sweep, skipped in both, goes first)
 # On the H100 (2026-11-27, benchmarks/gpu_runs/2026-11-27-h100/, before step 6 existed) steps 2
 # to 5 took 19, 168, 15 and 27 s, the whole suite 150 s, the kernels 4 s and the shares 81 s; the
 # unroll sweep was left out of BUDGET_S=480 (about 30 s of the 15 minutes went on the start).
@@ -131,12 +132,12 @@ XDIST=""; "$PYTHON" -c "import xdist" 2>/dev/null && XDIST="-n 8"
 step all-tests 200 tests_all.txt "$PYTHON" -m pytest -q -x -p no:cacheprovider $XDIST $SUITE
 # Where the GPU default's fwd+bwd spends its time, kernel by kernel, on the shape it is slowest on.
 step kernels 45 kernels_cuda.txt "$PYTHON" benchmarks/kernels.py --device "$DEVICE" --shape "$KERNELS_SHAPE" --direction fwd+bwd --calls 3 --top 25
+step unroll 90 unroll_cuda.txt "$PYTHON" benchmarks/gpu_unroll.py --shapes "$UNROLL_SHAPES"
 # The JAX backend with the shares and a reverse scan for its gradient (run.py --occupancy), to set
 # against its GPU default (the mirror image's one scan) in bench_cuda.txt.
 # (numpy is not run there; torch's own ops take the mirror image everywhere.)
 step occupancy 110 occupancy_cuda.txt "$PYTHON" benchmarks/run.py --device "$DEVICE" --occupancy shares --backends jax \
   --shapes "$UNROLL_SHAPES" --repeats 5 --budget 5 --json "$WORK/occupancy_cuda.json"
-step unroll 90 unroll_cuda.txt "$PYTHON" benchmarks/gpu_unroll.py --shapes "$UNROLL_SHAPES"
 
 tail -n 30 "$WORK/bench_cuda.txt" >>"$WORK/summary.txt" 2>/dev/null
 tail -n 3 "$WORK/tests_all.txt" >>"$WORK/summary.txt" 2>/dev/null
