@@ -154,6 +154,10 @@ def merge_tokens(tokens: Array, scores: Array, *, blank_id: int = 0) -> list[lis
     tokens, scores = _as_numpy(tokens), _as_numpy(scores)
     if tokens.ndim != 2 or scores.shape != tokens.shape:
         raise ValueError(f"tokens and scores must be (B, T)-arrays of the same shape; got {tokens.shape} and {scores.shape}")
+    if tokens.dtype.kind not in "iu":
+        raise ValueError(f"tokens must be an integer array; got dtype {tokens.dtype}")
+    if scores.dtype.kind not in "iuf":
+        raise ValueError(f"scores must be a real array; got dtype {scores.dtype}")
     return [_spans(row_tokens, row_scores, blank_id) for row_tokens, row_scores in zip(tokens, scores)]
 
 
@@ -178,8 +182,12 @@ def _as_numpy(x: Array) -> np.ndarray:
     from array_api_compat import is_torch_array
 
     if is_torch_array(x):
+        import torch
+
         x = x.detach().cpu()
-    return np.asarray(x)
+        x = (x.float() if x.dtype == torch.bfloat16 else x).numpy()  # NumPy has no bfloat16
+    x = np.asarray(x)
+    return x.astype(np.float32) if x.dtype.kind == "V" else x  # JAX's bfloat16 (ml_dtypes), exactly
 
 
 def ctc_posteriors(

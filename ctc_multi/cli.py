@@ -25,6 +25,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer; got {value}")
+    return value
+
+
 def _name_list(text: str) -> list[str]:
     return [name.strip() for name in text.split(",") if name.strip()]
 
@@ -54,7 +61,7 @@ def add_compare_parser(subparsers) -> None:
     problem.add_argument("--shape", choices=list(SHAPES), help=f"a named problem size (default {DEFAULT_SHAPE})")
     for option, letter in _DIMENSIONS:
         problem.add_argument(f"--{option}", type=_positive_int, metavar=letter, help=f"override {letter} of the shape")
-    problem.add_argument("--seed", type=int, default=0, help="random seed of the generated problem (default 0)")
+    problem.add_argument("--seed", type=_non_negative_int, default=0, help="random seed of the generated problem (default 0)")
     problem.add_argument(
         "--input",
         metavar="FILE.npz",
@@ -88,7 +95,11 @@ def _shape(args) -> Shape:
     base = SHAPES[args.shape or DEFAULT_SHAPE]
     sizes = {letter: getattr(args, option) or getattr(base, letter) for option, letter in _DIMENSIONS}
     overridden = any(getattr(args, option) is not None for option, _ in _DIMENSIONS)
-    return Shape("custom" if overridden else base.name, **sizes)
+    try:
+        return Shape("custom" if overridden else base.name, **sizes)
+    except ValueError as error:  # a size the options allow but a problem does not (--classes 1)
+        options = ", ".join(f"--{option} {sizes[letter]}" for option, letter in _DIMENSIONS if getattr(args, option) is not None)
+        raise compare.UsageError(f"{error} (from {options})") from None
 
 
 def run_compare(args) -> int:

@@ -59,6 +59,29 @@ def _violated(xp, condition: Array) -> bool:
     return flag is not None and bool(flag)
 
 
+def _in_range(xp, name: str, lengths: Array, upper: int | None, upper_name: str = "") -> Array:
+    """Integer ``lengths`` checked (for concrete values) to lie in [0, ``upper``] (``upper_name``
+    names it in the error), or with ``upper`` None to be non-negative and fit the index dtype; then in
+    the namespace's index dtype. The check runs in their own dtype, which may be too narrow to
+    hold ``upper`` (int8 lengths against 130 frames): then no length can exceed it, and the
+    conversion after the check is exact."""
+    wide = index_dtype(xp)
+    own, target = xp.iinfo(lengths.dtype), xp.iinfo(wide)
+    if own.min == 0 and own.bits <= target.bits:
+        # Unsigned and no wider: converted first (torch has few ops for uint16 and wider). Exact,
+        # or at the same width a value past the index dtype's largest turns negative and fails.
+        lengths, own = xp.astype(lengths, wide), target
+    limit = target.max if upper is None else upper
+    outside = lengths < 0
+    if own.max > limit:
+        outside = outside | (lengths > limit)
+    if _violated(xp, outside):
+        if upper is None:
+            raise ValueError(f"{name} must be non-negative (and at most {limit})")
+        raise ValueError(f"{name} must lie in [0, {upper_name}] = [0, {upper}]")
+    return xp.astype(lengths, wide)
+
+
 def lengths_to_paddings(lengths: Array, max_len: int, *, dtype=None) -> Array:
     """(B,) lengths -> (B, max_len) paddings: 1 on positions ``>= length``, 0 before.
 
@@ -91,8 +114,7 @@ def lengths_to_paddings(lengths: Array, max_len: int, *, dtype=None) -> Array:
     if lengths.ndim != 1:
         raise ValueError(f"lengths must be a (B,)-array; got shape {tuple(lengths.shape)}")
     _check_integers(xp, "lengths", lengths)
-    if _violated(xp, (lengths < 0) | (lengths > max_len)):
-        raise ValueError(f"lengths must lie in [0, max_len] = [0, {max_len}]")
+    lengths = _in_range(xp, "lengths", lengths, max_len, "max_len")
     positions = xp.arange(max_len, dtype=lengths.dtype, device=device(lengths))
     padded = positions[None, :] >= lengths[:, None]
     return xp.astype(padded, xp.float32 if dtype is None else dtype)
@@ -217,10 +239,8 @@ def torch_ctc_loss(
     target_lengths = _lengths_argument(xp, log_probs, "target_lengths", target_lengths, batch, unbatched)
     targets = in_namespace_of(xp, log_probs, "targets", targets)
     _check_integers(xp, "targets", targets)
-    if _violated(xp, (input_lengths < 0) | (input_lengths > frames)):
-        raise ValueError(f"input_lengths must lie in [0, T] = [0, {frames}]")
-    if _violated(xp, target_lengths < 0):
-        raise ValueError("target_lengths must be non-negative")
+    input_lengths = _in_range(xp, "input_lengths", input_lengths, frames, "T")
+    target_lengths = _in_range(xp, "target_lengths", target_lengths, None)
     longest = _known(xp, xp.max(target_lengths)) if batch else 0
 
     if targets.ndim == 2:

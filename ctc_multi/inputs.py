@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from array_api_compat import array_namespace, device
+from array_api_compat import array_namespace, device, is_torch_array
 
 from .backends import backend_for, index_dtype
 
@@ -57,12 +57,29 @@ def in_namespace_of(xp, reference: Array, name: str, x) -> Array:
         # Through NumPy: torch.asarray would reinterpret a JAX buffer's bytes instead of its values.
         import numpy as np
 
+        x = _detached(x)
         try:
             x = np.array(x)  # a writable copy: torch warns on read-only NumPy buffers
         except Exception as error:
             raise ValueError(f"{name} must be an array, a list or a tuple; got {type(x).__name__}") from error
+        if x.dtype.kind not in "biufc":  # bfloat16 (ml_dtypes) and the like: exactly as float32
+            try:
+                x = x.astype(np.float32)
+            except Exception as error:
+                raise ValueError(f"{name} must hold numbers; got dtype {x.dtype}") from error
         return xp.asarray(x, device=device(reference))
     return x if device(x) == device(reference) else xp.asarray(x, device=device(reference))
+
+
+def _detached(x):
+    """A torch tensor as NumPy can read it: off autograd's graph, on the CPU, bfloat16 (which
+    NumPy lacks) as float32, exactly; anything else as it is."""
+    if is_torch_array(x):
+        import torch
+
+        x = x.detach().cpu()
+        return (x.float() if x.dtype == torch.bfloat16 else x).numpy()
+    return x
 
 
 def compute_dtype(xp, dtype, name: str = "logits"):
@@ -108,13 +125,18 @@ def _as_blank_id(blank_id, num_classes: int) -> int:
     return blank_id
 
 
-def _as_log_epsilon(log_epsilon) -> float:
+def _as_log_epsilon(log_epsilon, dtype_min: float) -> float:
     try:
+        if isinstance(log_epsilon, (str, bytes, bool)):
+            raise TypeError  # float("-7") would read a string
         value = float(log_epsilon)
     except Exception as error:  # a tracer, a string, an array of several values ...
         raise ValueError(f"log_epsilon must be a Python number; got {log_epsilon!r}") from error
     if not (math.isfinite(value) and value < 0):
         raise ValueError(f"log_epsilon must be finite and negative (it stands for log 0); got {value}")
+    if value < dtype_min / 3:
+        # The recursion adds a few log_epsilons together (a forbidden jump from an empty state).
+        raise ValueError(f"log_epsilon must be at least a third of the compute dtype's lowest value, {dtype_min / 3:.7g}, so that sums of it stay finite; got {value}")
     return value
 
 
@@ -138,12 +160,16 @@ def check_inputs(logits, logit_paddings, labels, label_paddings, *, blank_id, lo
     if frames < 1:
         raise ValueError(f"logits must have at least one frame (T >= 1); got shape {tuple(logits.shape)}")
     blank_id = _as_blank_id(blank_id, num_classes)
-    log_epsilon = _as_log_epsilon(log_epsilon)
     dtype = compute_dtype(xp, logits.dtype)
+    log_epsilon = _as_log_epsilon(log_epsilon, float(xp.finfo(dtype).min))
     if not xp.isdtype(labels.dtype, "integral"):
         raise ValueError(f"labels must be an integer array; got dtype {labels.dtype}")
-    if xp.iinfo(labels.dtype).max < num_classes:
+    own, wide = xp.iinfo(labels.dtype), xp.iinfo(index_dtype(xp))
+    if own.max < num_classes or (own.min == 0 and own.bits <= wide.bits):
         # The lattice puts blank_id and K - 1 beside the labels: widen (exactly) so they fit.
+        # Unsigned labels are converted too (torch has few ops for uint16 and wider): exactly,
+        # or at the same width a label past the index dtype's largest turns negative and is
+        # refused as outside [0, K).
         labels = xp.astype(labels, index_dtype(xp))
 
     concrete = all(backend.is_concrete(x) for x in (logit_paddings, labels, label_paddings))

@@ -22,7 +22,8 @@ Numerics, shared by every backend:
 * the backward pass follows the forward pass's choices back (the winning move for Viterbi,
   the shares of each predecessor for the gradient), so it needs no exp or log;
 * "log 0" is the finite ``log_epsilon`` (optax's convention), so no ``-inf - -inf`` can make
-  NaN; emissions are clamped to at least ``log_epsilon`` for the same reason;
+  NaN; emissions are clamped to at least :func:`emission_floor` (-1e5, or a lower
+  ``log_epsilon``) for the same reason;
 * padded frames are replaced by zeros *before* the log-softmax (or, where no autodiff runs
   through the lattice, what is computed from them is masked: :func:`build_lattice`), so NaN
   or inf stored there cannot reach the loss, the alphas of valid frames or the gradients.
@@ -114,6 +115,20 @@ class _LogSpace:
         return carry
 
 
+# How far below the other term torch's logaddexp may see one, where autograd records it.
+LOGADDEXP_GAP = 50.0
+
+
+def _logaddexp_twice_differentiable(xp, a: Array, b: Array) -> Array:
+    """torch's logaddexp(a, b), each term first raised to at least the other less
+    ``LOGADDEXP_GAP``. torch differentiates logaddexp through exp(b - a), and its second
+    derivative through exp(b - a) / (1 + exp(b - a))**2, which is inf / inf (NaN) where the two
+    lie more than about 709 apart (88 in float32), as log_epsilon puts them. Raised, a term adds
+    at most exp(-50) = 2e-22 of the other's probability, below float64's rounding except for
+    sums within 1e-6 of log 1 (there an absolute 2e-22), and its derivatives alike."""
+    return xp.logaddexp(xp.maximum(a, b - LOGADDEXP_GAP), xp.maximum(b, a - LOGADDEXP_GAP))
+
+
 class LogSemiring(_LogSpace):
     """Sum over paths (the CTC loss): ``log(exp(stay) + exp(advance) + exp(skip))``; no choices."""
 
@@ -124,7 +139,10 @@ class LogSemiring(_LogSpace):
         if is_torch_namespace(xp):
             # torch, an explicit exception: each op is a separate dispatch from the Python loop,
             # and two logaddexp kernels cost less than the ten ops below (2.5x on `char`).
-            combined = xp.logaddexp(xp.logaddexp(stay, advance), skip)
+            if stay.requires_grad:  # autograd records the loop: see _logaddexp_twice_differentiable
+                combined = _logaddexp_twice_differentiable(xp, _logaddexp_twice_differentiable(xp, stay, advance), skip)
+            else:
+                combined = xp.logaddexp(xp.logaddexp(stay, advance), skip)
             if not cls.with_shares:
                 return combined, None
             return combined, (xp.exp(advance - combined), xp.exp(skip - combined))
@@ -376,16 +394,27 @@ def gather_states_by_take(xp, values: Array, state_classes: Array, replaced=None
     return replace_and_floor(xp, gathered, replaced, replacement, floor)
 
 
+# The floor of the emissions: their log-probabilities are clamped to at least this, or
+# log_epsilon where that is lower, so that no -inf (a -inf logit) meets another in a
+# difference. Not log_epsilon itself: with a log_epsilon of, say, -10, emissions below it
+# are real probabilities that optax counts, and a clamp there changed the loss.
+EMISSION_FLOOR = -1e5
+
+
+def emission_floor(log_epsilon: float) -> float:
+    return min(log_epsilon, EMISSION_FLOOR)
+
+
 def normalised_emissions(xp, gathered: Array, peak: Array, log_total: Array, padded: Array | None, stand_ins, log_epsilon: float) -> Array:
     """(..., S) logits gathered at the states' classes -> their log-emissions, given their frames'
     (...) peak and log-total (:func:`log_softmax_parts`), and (...) padded flags where padded
     frames still hold their logits (else None): a padded frame's gathered logits are taken as
     zeros (whatever NaN they hold reaches nothing), then the (B, S) ``stand_ins`` (replaced,
-    replacement) go in and ``log_epsilon`` is the floor. Frames (T, B, S) or one frame (B, S)."""
+    replacement) go in and :func:`emission_floor` is the floor. Frames (T, B, S) or one frame (B, S)."""
     if padded is not None:
         gathered = xp.where(padded[..., None], xp.zeros_like(gathered), gathered)
     gathered = (gathered - peak[..., None]) - log_total[..., None]
-    return replace_and_floor(xp, gathered, *stand_ins, log_epsilon)
+    return replace_and_floor(xp, gathered, *stand_ins, emission_floor(log_epsilon))
 
 
 def frame_emissions(xp, lattice: Lattice, frame: Array, peak: Array, log_total: Array) -> Array:
@@ -501,7 +530,7 @@ def build_lattice(
         log_probs, frame_peak, frame_log_total = log_softmax_of_frames(xp, logits, logit_padded), None, None
         # (T, B, S); the stand-ins and the floor applied as the backend gathers (NumPy: a block of
         # frames at a time, while it is in cache: 2x faster on `char`, 1.5x on `long`).
-        gathered = gather_states(xp, log_probs, class_ids, missing, stand_in, log_epsilon)
+        gathered = gather_states(xp, log_probs, class_ids, missing, stand_in, emission_floor(log_epsilon))
     else:
         log_probs = None
         frame_peak, frame_log_total = log_softmax_parts(xp, clean_logits)

@@ -47,7 +47,7 @@ class _Problem:
 
     @classmethod
     def of(cls, inputs: CTCInputs, zero_infinity: bool = False) -> "_Problem":
-        return cls(inputs.xp, inputs.backend, inputs.blank_id, inputs.log_epsilon, bool(zero_infinity))
+        return cls(inputs.xp, inputs.backend, inputs.blank_id, inputs.log_epsilon, _as_flag("zero_infinity", zero_infinity))
 
     @property
     def index_dtype(self):
@@ -203,6 +203,15 @@ def _loss_and_forward_probs_here(problem: _Problem, *arrays):
     lattice = problem.lattice(*arrays)
     final, (history, _) = problem.recursion(lattice, keep_history=True)
     return (problem._loss(lattice, final),) + forward_probs_from_history(problem.xp, history)
+
+
+def _as_flag(name: str, value) -> bool:
+    """A Python or NumPy bool; anything else (a string "False", a number) is refused, not read as truthy."""
+    import numpy as np
+
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise ValueError(f"{name} must be True or False; got {value!r}")
 
 
 def _check_reduction(reduction) -> str:

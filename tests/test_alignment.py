@@ -270,6 +270,30 @@ def test_merge_tokens_rejects_mismatched_shapes():
         ctc_multi.merge_tokens(np.zeros((2, 3), dtype=np.int32), np.zeros((2, 4)))
 
 
+def test_merge_tokens_rejects_float_tokens():
+    """A float token would become a span's label (1.5) without a word."""
+    with pytest.raises(ValueError, match="^tokens must be an integer array"):
+        ctc_multi.merge_tokens(np.array([[0.0, 1.5, 1.5]]), np.zeros((1, 3)))
+
+
+def test_merge_tokens_takes_bfloat16_scores():
+    """torch's and JAX's bfloat16 scores (NumPy has no bfloat16), read exactly as float32."""
+    tokens, scores = np.array([[0, 3, 3, 0, 5]]), np.array([[-0.5, -0.25, -0.75, 0.0, -1.0]])
+    forms = []
+    if installed("torch"):
+        import torch
+
+        forms.append((torch.as_tensor(tokens), torch.tensor(scores, dtype=torch.bfloat16)))
+    if installed("jax"):
+        import jax.numpy as jnp
+
+        forms.append((jnp.asarray(tokens), jnp.asarray(scores, dtype=jnp.bfloat16)))
+    if not forms:
+        pytest.skip("neither torch nor jax is installed")
+    for form in forms:
+        assert ctc_multi.merge_tokens(*form) == [[(3, 1, 3, -0.5), (5, 4, 5, -1.0)]]
+
+
 # ---------------------------------------------------------------------------------------------
 # ctc_posteriors
 # ---------------------------------------------------------------------------------------------

@@ -221,9 +221,12 @@ def test_usage_errors_exit_2(tmp_path):
         (["--backends", "numpy,tensorflow"], "unknown backend 'tensorflow'"),
         (["--repeats", "0"], "must be a positive integer"),
         (["--input", "x.npz", "--shape", "char"], "--input takes its sizes from the file"),
+        (["--classes", "1", "--backends", "numpy", "--no-anchors"], "K must be an integer >= 2; got 1 (from --classes 1)"),
+        (["--seed", "-1", "--backends", "numpy", "--no-anchors"], "argument --seed: must be a non-negative integer"),
     ):
         result = run_cli("compare", *args, cwd=tmp_path)
         assert result.returncode == 2 and expected in result.stderr, (args, result.stderr)
+        assert "Traceback" not in result.stderr
 
 
 def test_help_names_the_reference_and_the_exit_codes(tmp_path):

@@ -37,6 +37,16 @@ def test_lengths_and_paddings_round_trip(xp):
     np.testing.assert_array_equal(xp.to_numpy(lengths), LENGTHS)
 
 
+@pytest.mark.parametrize("dtype", ["int8", "uint8", "int16", "uint16"])
+def test_narrow_integer_lengths_against_a_longer_max_len(xp, dtype):
+    """Lengths in a dtype that cannot hold max_len (int8 against 130 positions): neither the
+    positions nor the range check may wrap around in that dtype."""
+    paddings = ctc_multi.lengths_to_paddings(xp.asarray(np.array([120, 3, 0]), dtype=xp.dtype(dtype)), 300)
+    np.testing.assert_array_equal(xp.to_numpy(paddings).sum(axis=1), [180, 297, 300])
+    with pytest.raises(ValueError, match="lengths must lie in \\[0, max_len\\] = \\[0, 100\\]"):
+        ctc_multi.lengths_to_paddings(xp.asarray(np.array([101, 3]), dtype=xp.dtype(dtype)), 100)
+
+
 @pytest.mark.parametrize("dtype", ["float64", "int32", "bool"])
 def test_lengths_to_paddings_in_a_chosen_dtype(xp, dtype):
     paddings = ctc_multi.lengths_to_paddings(xp.asarray(LENGTHS), 5, dtype=xp.dtype(dtype))
@@ -205,6 +215,21 @@ def test_torch_ctc_loss_unbatched_matches_torch(xp, lengths_as, targets_shape, r
     log_probs, input_length, target_length = log_probs[:, 2], input_lengths[2], target_lengths[2]
     targets = padded[2, :target_length] if targets_shape == "1-D" else padded[2:3]
     check_against_torch(xp, log_probs, targets, input_length, target_length, lengths_as=lengths_as, reduction=reduction)
+
+
+@pytest.mark.parametrize("dtype", ["int8", "uint8", "uint16"])
+def test_torch_ctc_loss_with_narrow_integer_lengths(xp, dtype):
+    """int8 input lengths beside T = 130 frames give torch's losses, as int64 ones do."""
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(130, 2, 5))
+    log_probs = logits - np.log(np.exp(logits).sum(axis=2, keepdims=True))
+    targets, input_lengths, target_lengths = np.array([[1, 2, 3], [2, 2, 4]]), np.array([120, 100]), np.array([3, 2])
+    expected, _ = torch_expected(log_probs, targets, input_lengths, target_lengths, reduction="none")
+    narrow = xp.dtype(dtype)
+    loss = ctc_multi.torch_ctc_loss(
+        xp.asarray(log_probs), xp.asarray(targets), xp.asarray(input_lengths, dtype=narrow), xp.asarray(target_lengths, dtype=narrow), reduction="none"
+    )
+    np.testing.assert_allclose(xp.to_numpy(loss), expected, **TOLERANCE["torch_float64"])
 
 
 def test_infeasible_sequences_stay_finite_where_torch_gives_inf(xp):

@@ -85,9 +85,27 @@ def test_blank_id_not_an_integer(xp, blank_id):
     check_raises(xp, GOOD, "blank_id", blank_id=blank_id)
 
 
-@pytest.mark.parametrize("log_epsilon", [float("nan"), float("inf"), float("-inf"), 0.0, 1e5, "big"])
+@pytest.mark.parametrize("log_epsilon", [float("nan"), float("inf"), float("-inf"), 0.0, 1e5, "big", "-7", True])
 def test_log_epsilon_not_finite_and_negative(xp, log_epsilon):
     check_raises(xp, GOOD, "log_epsilon", log_epsilon=log_epsilon)
+
+
+def test_log_epsilon_beyond_the_compute_dtype(xp):
+    """float32 logits: a log_epsilon that float32 cannot hold (or whose sums it cannot) is refused,
+    where it would have turned every output into NaN; one within float32's range works."""
+    logits = GOOD.logits.astype(np.float32)
+    check_raises(xp, GOOD._replace(logits=logits), "log_epsilon", "compute dtype", log_epsilon=-1e300)
+    check_raises(xp, GOOD._replace(logits=logits), "log_epsilon", "compute dtype", log_epsilon=-3e38)
+    arrays = (xp.asarray(logits), xp.asarray(GOOD.logit_paddings), xp.asarray(GOOD.labels), xp.asarray(GOOD.label_paddings))
+    for output in ctc_multi.ctc_loss_with_forward_probs(*arrays, log_epsilon=-1e38):
+        assert np.all(np.isfinite(xp.to_numpy(output)))
+
+
+@pytest.mark.parametrize("zero_infinity", ["False", 1, None])
+def test_zero_infinity_not_a_bool(xp, zero_infinity):
+    arrays = (xp.asarray(GOOD.logits), xp.asarray(GOOD.logit_paddings), xp.asarray(GOOD.labels), xp.asarray(GOOD.label_paddings))
+    with pytest.raises(ValueError, match="^zero_infinity must be True or False"):
+        ctc_multi.ctc_loss(*arrays, zero_infinity=zero_infinity)
 
 
 # --- dtypes -------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import TOLERANCE
+from conftest import TOLERANCE, installed
 from helpers import (
     LOG_EPSILON,
     Problem,
@@ -282,6 +282,44 @@ def test_other_arguments_may_come_from_numpy(xp):
     np.testing.assert_allclose(xp.to_numpy(loss), ctc_reference(*problem)[0], **TOLERANCE["float64"])
 
 
+def test_other_arguments_may_come_from_torch_or_jax_in_any_form(xp):
+    """Paddings and labels from torch (requiring grad, bfloat16) or JAX (bfloat16) beside any
+    backend's logits: converted by value, as NumPy ones are."""
+    problem = standard_problem(19, frame_layout="middle")
+    expected = ctc_reference(*problem)[0]
+    forms = []
+    if installed("torch"):
+        import torch
+
+        forms.append(lambda a: torch.tensor(a, dtype=torch.float32, requires_grad=True))
+        forms.append(lambda a: torch.tensor(a, dtype=torch.bfloat16))
+    if installed("jax"):
+        import jax.numpy as jnp
+
+        forms.append(lambda a: jnp.asarray(a, dtype=jnp.bfloat16))
+    if not forms:
+        pytest.skip("neither torch nor jax is installed")
+    for form in forms:
+        loss = ctc_multi.ctc_loss(xp.asarray(problem.logits), form(problem.logit_paddings), problem.labels, form(problem.label_paddings))
+        xp.check_type(loss)
+        np.testing.assert_allclose(xp.to_numpy(loss), expected, **TOLERANCE["float64"])
+
+
+def test_a_moderate_log_epsilon_does_not_clamp_real_emissions(xp):
+    """log_epsilon = -10 with logits 8 times a standard normal: some states' emissions lie below
+    -10. They still count as what they are (optax counts them too); only "log 0" itself, worth
+    about e^-10 = 4.5e-5 per move it allows, separates the loss from the exact one. Clamped at
+    log_epsilon, the second sequence's loss was 1e-2 off."""
+    logits = np.random.default_rng(12).standard_normal((2, 4, 3)) * 8
+    labels, label_paddings, logit_paddings = np.array([[1, 2], [1, 0]]), np.array([[0.0, 0.0], [0.0, 1.0]]), np.zeros((2, 4))
+    log_probs = logits - np.log(np.exp(logits).sum(axis=2, keepdims=True))
+    assert log_probs[1][:, [0, 1]].min() < -10  # a blank or label emission below log_epsilon
+    exact = ctc_reference(logits, logit_paddings, labels, label_paddings)[0]
+    arrays = (xp.asarray(logits), xp.asarray(logit_paddings), xp.asarray(labels), xp.asarray(label_paddings))
+    loss = xp.to_numpy(ctc_multi.ctc_loss(*arrays, log_epsilon=-10.0))
+    np.testing.assert_allclose(loss, exact, rtol=0, atol=1e-4)
+
+
 def test_padded_labels_outside_the_classes_are_ignored(xp):
     """Padded label positions may hold anything (-1, K, large): they are never read as classes."""
     problem = standard_problem(18, min_label_length=1)
@@ -292,9 +330,10 @@ def test_padded_labels_outside_the_classes_are_ignored(xp):
     np.testing.assert_allclose(loss, ctc_reference(*held)[0], **TOLERANCE["float64"])
 
 
-@pytest.mark.parametrize("label_dtype", [np.int8, np.uint8])
+@pytest.mark.parametrize("label_dtype", [np.int8, np.uint8, np.uint16, np.uint32, np.uint64])
 def test_narrow_label_dtypes_with_many_classes(xp, label_dtype):
-    """Labels of any integer dtype, also when K - 1 and blank_id do not fit in it (int8, K = 130)."""
+    """Labels of any integer dtype, also when K - 1 and blank_id do not fit in it (int8, K = 130),
+    and unsigned ones (for which torch has few ops: they are converted first)."""
     K = 130
     problem = random_problem(np.random.default_rng(24), 2, 4, K, 2, blank_id=K - 1, min_label_length=1)
     labels = np.where(problem.label_paddings != 0, 0, np.minimum(problem.labels, 120)).astype(label_dtype)

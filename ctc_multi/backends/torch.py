@@ -38,27 +38,54 @@ def is_concrete(x) -> bool:
     return not (getattr(x, "is_cuda", False) and torch.cuda.is_current_stream_capturing())
 
 
+SECOND_DERIVATIVE_REFUSED = (
+    "ctc_multi's torch gradient of the CTC loss cannot be differentiated again: its backward is "
+    "explicit, not recorded by autograd (second derivatives: the JAX backend)"
+)
+
+
+class _SecondDerivativeRefused(torch.autograd.Function):
+    """The gradient as it is, tied to the logits, so that differentiating it raises."""
+
+    @staticmethod
+    def forward(ctx, gradient, anchor):
+        return gradient.view_as(gradient)
+
+    @staticmethod
+    def backward(ctx, *unused):
+        raise RuntimeError(SECOND_DERIVATIVE_REFUSED)
+
+
 class _ExplicitGradient(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, functions, logits, *others):
+    def forward(ctx, functions, logits, anchor, *others):
         forward_with_residuals, backward = functions
         value, residuals = forward_with_residuals(logits, *others)
         ctx.backward_function = backward
         ctx.num_others = len(others)
-        ctx.save_for_backward(*residuals)
+        ctx.save_for_backward(anchor, *residuals)
         return value
 
     @staticmethod
     def backward(ctx, cotangent):
-        gradient = ctx.backward_function(tuple(ctx.saved_tensors), cotangent)
-        return (None, gradient) + (None,) * ctx.num_others
+        anchor, *residuals = ctx.saved_tensors
+        gradient = ctx.backward_function(tuple(residuals), cotangent)
+        if torch.is_grad_enabled():
+            # create_graph=True: an outer derivative (a gradient penalty, a Hessian) would read
+            # this gradient's own derivative, which autograd never recorded. Without the tie to
+            # the logits it would silently count as zero; with it, differentiating it raises.
+            gradient = _SecondDerivativeRefused.apply(gradient, anchor)
+        return (None, gradient, None) + (None,) * ctx.num_others
 
 
 def with_explicit_gradient(forward, forward_with_residuals, backward):
     def loss(logits, *others):
         if not (torch.is_grad_enabled() and logits.requires_grad):
             return forward(logits, *others)
-        return _ExplicitGradient.apply((forward_with_residuals, backward), logits, *others)
+        # A one-element tensor that depends on the logits without keeping them (no version
+        # counter shared with them, so changing them in place later stays allowed).
+        anchor = logits.reshape(-1)[:1] * 0
+        return _ExplicitGradient.apply((forward_with_residuals, backward), logits, anchor, *others)
 
     return loss
 
