@@ -154,9 +154,9 @@ def merge_tokens(tokens: Array, scores: Array, *, blank_id: int = 0) -> list[lis
     tokens, scores = _as_numpy(tokens), _as_numpy(scores)
     if tokens.ndim != 2 or scores.shape != tokens.shape:
         raise ValueError(f"tokens and scores must be (B, T)-arrays of the same shape; got {tokens.shape} and {scores.shape}")
-    if tokens.dtype.kind not in "iu":
+    if tokens.size and tokens.dtype.kind not in "iu":  # [[]] reads as float: no frames, no spans
         raise ValueError(f"tokens must be an integer array; got dtype {tokens.dtype}")
-    if scores.dtype.kind not in "iuf":
+    if scores.size and scores.dtype.kind not in "iuf":
         raise ValueError(f"scores must be a real array; got dtype {scores.dtype}")
     return [_spans(row_tokens, row_scores, blank_id) for row_tokens, row_scores in zip(tokens, scores)]
 

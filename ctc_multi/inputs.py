@@ -62,12 +62,12 @@ def in_namespace_of(xp, reference: Array, name: str, x) -> Array:
             x = np.array(x)  # a writable copy: torch warns on read-only NumPy buffers
         except Exception as error:
             raise ValueError(f"{name} must be an array, a list or a tuple; got {type(x).__name__}") from error
-        if x.dtype.kind not in "biufc":  # bfloat16 (ml_dtypes) and the like: exactly as float32
-            try:
+        try:
+            if x.dtype.kind == "V":  # bfloat16 (JAX's, an ml_dtypes type) and the like: exactly as float32
                 x = x.astype(np.float32)
-            except Exception as error:
-                raise ValueError(f"{name} must hold numbers; got dtype {x.dtype}") from error
-        return xp.asarray(x, device=device(reference))
+            return xp.asarray(x, device=device(reference))
+        except Exception as error:  # strings, objects: torch cannot hold them
+            raise ValueError(f"{name} must hold numbers; got dtype {x.dtype}") from error
     return x if device(x) == device(reference) else xp.asarray(x, device=device(reference))
 
 

@@ -274,6 +274,7 @@ def test_merge_tokens_rejects_float_tokens():
     """A float token would become a span's label (1.5) without a word."""
     with pytest.raises(ValueError, match="^tokens must be an integer array"):
         ctc_multi.merge_tokens(np.array([[0.0, 1.5, 1.5]]), np.zeros((1, 3)))
+    assert ctc_multi.merge_tokens([[]], [[]]) == [[]]  # no frames: a list reads as float, and that is fine
 
 
 def test_merge_tokens_takes_bfloat16_scores():

@@ -101,6 +101,13 @@ def test_log_epsilon_beyond_the_compute_dtype(xp):
         assert np.all(np.isfinite(xp.to_numpy(output)))
 
 
+def test_paddings_of_strings(xp):
+    """Strings that look like 0 and 1 are not paddings, whichever framework the logits come from."""
+    arrays = (xp.asarray(GOOD.logits), GOOD.logit_paddings.astype(str), xp.asarray(GOOD.labels), xp.asarray(GOOD.label_paddings))
+    with pytest.raises(ValueError, match="^logit_paddings"):
+        ctc_multi.ctc_loss(*arrays)
+
+
 @pytest.mark.parametrize("zero_infinity", ["False", 1, None])
 def test_zero_infinity_not_a_bool(xp, zero_infinity):
     arrays = (xp.asarray(GOOD.logits), xp.asarray(GOOD.logit_paddings), xp.asarray(GOOD.labels), xp.asarray(GOOD.label_paddings))

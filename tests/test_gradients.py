@@ -455,6 +455,28 @@ def test_jax_second_derivatives_match_finite_differences(jax_x64):
     np.testing.assert_allclose(np.asarray(product), (up - down) / (2 * step), **TOLERANCE["finite_difference_float64"])
 
 
+def test_torch_gradient_stays_differentiable_in_the_cotangent():
+    """torch: refusing the second derivative in the logits must not take away the derivative in
+    the cotangent, which autograd records: per-sequence weights w, g = d sum(w * loss) / dx has
+    rows w_b G_b, so d |g|^2 / dw_b = 2 w_b |G_b|^2; and torch.autograd.functional.jvp (a double
+    backward) gives sum(G_b * v_b). G is the float64 reference's gradient."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(95)
+    problem = random_problem(rng, 3, 6, 4, 2, frame_layout="middle", min_label_length=1)
+    _, expected_gradient = ctc_reference(*problem)
+    rest = tuple(torch.as_tensor(array) for array in problem[1:])
+    logits = torch.tensor(problem.logits, dtype=torch.float64, requires_grad=True)
+    weights = torch.tensor([0.5, -2.0, 3.0], dtype=torch.float64, requires_grad=True)
+    (gradient,) = torch.autograd.grad((weights * ctc_multi.ctc_loss(logits, *rest)).sum(), logits, create_graph=True)
+    (by_weight,) = torch.autograd.grad((gradient**2).sum(), weights)
+    squared_norms = (expected_gradient**2).sum(axis=(1, 2))
+    np.testing.assert_allclose(by_weight.numpy(), 2 * weights.detach().numpy() * squared_norms, **TOLERANCE["gradient_float64"])
+
+    direction = rng.normal(size=problem.logits.shape)
+    _, product = torch.autograd.functional.jvp(lambda x: ctc_multi.ctc_loss(x, *rest), torch.tensor(problem.logits), torch.tensor(direction))
+    np.testing.assert_allclose(product.numpy(), (expected_gradient * direction).sum(axis=(1, 2)), **TOLERANCE["gradient_float64"])
+
+
 def test_torch_second_derivatives_through_autodiff_are_right():
     """torch, where autograd records the loop (``ctc_loss_with_forward_probs``,
     ``ctc_posteriors``): second derivatives are finite and right, though torch's logaddexp

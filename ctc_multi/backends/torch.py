@@ -45,14 +45,14 @@ SECOND_DERIVATIVE_REFUSED = (
 
 
 class _SecondDerivativeRefused(torch.autograd.Function):
-    """The gradient as it is, tied to the logits, so that differentiating it raises."""
+    """A zero tied to the logits: differentiating it, with respect to them, raises."""
 
     @staticmethod
-    def forward(ctx, gradient, anchor):
-        return gradient.view_as(gradient)
+    def forward(ctx, anchor):
+        return torch.zeros_like(anchor)
 
     @staticmethod
-    def backward(ctx, *unused):
+    def backward(ctx, unused):
         raise RuntimeError(SECOND_DERIVATIVE_REFUSED)
 
 
@@ -71,10 +71,13 @@ class _ExplicitGradient(torch.autograd.Function):
         anchor, *residuals = ctx.saved_tensors
         gradient = ctx.backward_function(tuple(residuals), cotangent)
         if torch.is_grad_enabled():
-            # create_graph=True: an outer derivative (a gradient penalty, a Hessian) would read
-            # this gradient's own derivative, which autograd never recorded. Without the tie to
-            # the logits it would silently count as zero; with it, differentiating it raises.
-            gradient = _SecondDerivativeRefused.apply(gradient, anchor)
+            # create_graph=True: an outer derivative with respect to the logits (a gradient
+            # penalty, a Hessian) would read this gradient's own derivative, which autograd
+            # never recorded: without a tie to the logits it would silently count as zero, so a
+            # zero tied to them is added, whose derivative raises. Its derivative with respect to
+            # the cotangent (a per-sequence weight's, torch.autograd.functional.jvp) is recorded
+            # as it is made, and stays.
+            gradient = gradient + _SecondDerivativeRefused.apply(anchor)
         return (None, gradient, None) + (None,) * ctx.num_others
 
 
@@ -82,9 +85,10 @@ def with_explicit_gradient(forward, forward_with_residuals, backward):
     def loss(logits, *others):
         if not (torch.is_grad_enabled() and logits.requires_grad):
             return forward(logits, *others)
-        # A one-element tensor that depends on the logits without keeping them (no version
-        # counter shared with them, so changing them in place later stays allowed).
-        anchor = logits.reshape(-1)[:1] * 0
+        # A 0-d tensor that depends on the logits without keeping them (no version counter
+        # shared with them, so changing them in place later stays allowed; no copy of them
+        # either, contiguous or not): the sum of a view of at most their first element.
+        anchor = logits.as_strided((min(1, logits.numel()),), (1,)).sum()
         return _ExplicitGradient.apply((forward_with_residuals, backward), logits, anchor, *others)
 
     return loss
