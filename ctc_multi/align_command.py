@@ -13,7 +13,7 @@ import os
 import numpy as np
 
 from .alignment import TokenSpan, forced_align, merge_tokens
-from .compare import UsageError, load_case
+from .compare import UsageError, check_plotting, load_case
 from .lattice import log_softmax
 
 
@@ -46,6 +46,8 @@ def add_align_parser(subparsers) -> None:
 
 def run_align(args) -> int:
     """Run ``ctc-multi align`` on parsed arguments; returns the exit code."""
+    if args.plot:
+        check_plotting(args.plot)
     case = load_case(args.input, dtype=None)
     batch = case.problem.logits.shape[0]
     if not 0 <= args.index < batch:
@@ -114,5 +116,9 @@ def plot_alignment(logits, valid, labels: list[int], tokens, spans: list[TokenSp
     axes.set_title(f"{title}: labels {' '.join(map(str, labels)) or '(none)'}", fontsize=10, pad=18)
     if on_path.size:
         axes.legend(loc="lower right", fontsize=8)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    try:
+        figure.savefig(path, dpi=110)
+    except OSError as error:  # not writable: checked too late to stop the run, but no traceback
+        raise UsageError(f"--plot {path}: {error.strerror}") from None
+    finally:
+        plt.close(figure)

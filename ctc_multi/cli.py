@@ -108,7 +108,7 @@ def run_compare(args) -> int:
     contenders = compare.select(args.backends, anchors=not args.no_anchors)
     compare.check_device(contenders, args.device)
     if args.plot:
-        compare.check_plotting()
+        compare.check_plotting(args.plot)
     if args.input:
         case = compare.load_case(args.input, dtype=args.dtype)
     else:

@@ -589,10 +589,23 @@ def write_json(report: Report, path: str) -> None:
         raise UsageError(f"--json {path}: {error.strerror}") from None
 
 
-def check_plotting() -> None:
-    """Fail before the run, not after it, when --plot cannot work."""
+def check_plotting(path: str | None = None) -> None:
+    """Fail before the run, not after it, when --plot cannot work: no matplotlib, or (for a
+    ``path``) no such directory, or a file type matplotlib does not write."""
     if importlib.util.find_spec("matplotlib") is None:
         raise UsageError("--plot needs matplotlib: pip install 'ctc-multi[cli]'")
+    if path is None:
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise UsageError(f"--plot {path}: no such directory {directory}")
+    extension = os.path.splitext(path)[1].lstrip(".").lower()
+    if extension:  # none: matplotlib writes its default format
+        from matplotlib.backend_bases import FigureCanvasBase
+
+        supported = FigureCanvasBase.get_supported_filetypes()
+        if extension not in supported:
+            raise UsageError(f"--plot {path}: matplotlib writes {', '.join(sorted(supported))}, not .{extension}")
 
 
 def plot(report: Report, path: str) -> None:

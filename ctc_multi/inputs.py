@@ -86,7 +86,11 @@ def compute_dtype(xp, dtype, name: str = "logits"):
     """float32 and float64 stay; narrower floats (float16, bfloat16) are computed in float32."""
     if dtype in (xp.float32, xp.float64):
         return dtype
-    if xp.isdtype(dtype, "real floating"):
+    try:
+        floating = xp.isdtype(dtype, "real floating")
+    except TypeError:  # a NumPy array of ml_dtypes' bfloat16 (np.asarray of JAX's) or float8
+        floating = str(dtype).startswith(("bfloat16", "float8"))
+    if floating:
         return xp.float32
     raise ValueError(f"{name} must be a real floating-point array; got dtype {dtype}")
 

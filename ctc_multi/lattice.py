@@ -568,7 +568,10 @@ def build_lattice(
         log_probs=log_probs,
         logit_padded=logit_padded,
         state_classes=class_ids,
-        feasible=label_lengths + repeats <= valid_frames,
+        # An unpadded label outside [0, K) (possible only under jax.jit, where values go
+        # unchecked) makes its sequence impossible: for the loss through its stand-in, and here
+        # for what reads feasibility (zero_infinity, the alignment, the posteriors).
+        feasible=(label_lengths + repeats <= valid_frames) & ~xp.any(~in_range & ~label_padded, axis=1),
         log_emissions=gathered,
         frame_padded=frame_padded,
         skip_allowed=interleave_with_blanks(xp, can_jump, False, logit_padded),

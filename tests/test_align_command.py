@@ -76,3 +76,13 @@ def test_align_reports_sequences_that_cannot_be_aligned(tmp_path, capsys):
 def test_align_rejects_an_index_outside_the_batch(input_file):
     with pytest.raises(UsageError, match="--index"):
         run_align(parse(["align", "--input", str(input_file), "--index", "2"]))
+
+
+@pytest.mark.parametrize("where, message", [("missing/dir/align.png", "no such directory"), ("align.txt", "not .txt")])
+def test_align_rejects_a_plot_path_it_cannot_write_before_running(input_file, tmp_path, capsys, where, message):
+    """A --plot that cannot be written is a usage error (exit 2, one line), found before any
+    output, not a traceback after the spans."""
+    pytest.importorskip("matplotlib", reason="--plot needs matplotlib (the cli extra)")
+    with pytest.raises(UsageError, match=message):
+        run_align(parse(["align", "--input", str(input_file), "--plot", str(tmp_path / where)]))
+    assert capsys.readouterr().out == ""

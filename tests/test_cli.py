@@ -223,6 +223,7 @@ def test_usage_errors_exit_2(tmp_path):
         (["--input", "x.npz", "--shape", "char"], "--input takes its sizes from the file"),
         (["--classes", "1", "--backends", "numpy", "--no-anchors"], "K must be an integer >= 2; got 1 (from --classes 1)"),
         (["--seed", "-1", "--backends", "numpy", "--no-anchors"], "argument --seed: must be a non-negative integer"),
+        (["--plot", "times.txt", "--backends", "numpy", "--no-anchors"], "not .txt"),
     ):
         result = run_cli("compare", *args, cwd=tmp_path)
         assert result.returncode == 2 and expected in result.stderr, (args, result.stderr)

@@ -7,6 +7,8 @@ padding, 0/1 paddings) run whenever the values are concrete; under jax.jit they 
 
 from __future__ import annotations
 
+import functools
+
 import re
 
 import numpy as np
@@ -196,3 +198,25 @@ def test_value_checks_cannot_run_under_jit(jax_x64, bad):
         ctc_multi.ctc_loss(*arrays)
     loss = jax.jit(ctc_multi.ctc_loss)(*arrays)
     assert loss.shape == (B,)
+
+
+@pytest.mark.parametrize("label", [7, -1])
+def test_an_out_of_range_label_under_jit_is_impossible_everywhere(jax_x64, label):
+    """Under jit an unpadded label outside [0, K) cannot be refused; it makes its sequence
+    impossible, and every function says so alike: a loss about -log_epsilon (0 with
+    zero_infinity), no alignment (token -1, score -inf on valid frames), posteriors 0. The other sequence is
+    untouched."""
+    jax = jax_x64
+    labels = GOOD.labels.copy()
+    labels[0, 0] = label
+    arrays = [jax.numpy.asarray(a) for a in GOOD._replace(labels=labels)]
+    good = [jax.numpy.asarray(a) for a in GOOD]
+    loss = np.asarray(jax.jit(ctc_multi.ctc_loss)(*arrays))
+    assert loss[0] > 1e4 and loss[1] == pytest.approx(float(ctc_multi.ctc_loss(*good)[1]))
+    assert np.asarray(jax.jit(functools.partial(ctc_multi.ctc_loss, zero_infinity=True))(*arrays))[0] == 0
+    tokens, scores = jax.jit(ctc_multi.forced_align)(*arrays)
+    valid = GOOD.logit_paddings[0] == 0
+    assert np.all(np.asarray(tokens)[0] == -1) and np.all(np.asarray(scores)[0][valid] == -np.inf)
+    np.testing.assert_array_equal(np.asarray(tokens)[1], np.asarray(ctc_multi.forced_align(*good)[0])[1])
+    posteriors = np.asarray(jax.jit(ctc_multi.ctc_posteriors)(*arrays))
+    assert np.all(posteriors[0] == 0) and posteriors[1].sum() > 0

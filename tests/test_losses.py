@@ -305,6 +305,17 @@ def test_other_arguments_may_come_from_torch_or_jax_in_any_form(xp):
         np.testing.assert_allclose(xp.to_numpy(loss), expected, **TOLERANCE["float64"])
 
 
+def test_numpy_bfloat16_logits():
+    """NumPy arrays of ml_dtypes' bfloat16 (what np.asarray makes of JAX's) are computed in
+    float32, as torch's and JAX's bfloat16 are: the same losses as their float32 values."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    problem = standard_problem(20, frame_layout="middle")
+    narrow = problem.logits.astype(ml_dtypes.bfloat16)
+    loss = ctc_multi.ctc_loss(narrow, *problem[1:])
+    assert loss.dtype == np.float32
+    np.testing.assert_allclose(loss, ctc_multi.ctc_loss(narrow.astype(np.float32), *problem[1:]), rtol=0, atol=0)
+
+
 def test_a_moderate_log_epsilon_does_not_clamp_real_emissions(xp):
     """log_epsilon = -10 with logits 8 times a standard normal: some states' emissions lie below
     -10. They still count as what they are (optax counts them too); only "log 0" itself, worth
