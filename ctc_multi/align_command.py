@@ -13,7 +13,7 @@ import os
 import numpy as np
 
 from .alignment import TokenSpan, forced_align, merge_tokens
-from .compare import UsageError, check_plotting, load_case
+from .compare import UsageError, check_plotting, load_case, save_plot
 from .lattice import log_softmax
 
 
@@ -116,9 +116,4 @@ def plot_alignment(logits, valid, labels: list[int], tokens, spans: list[TokenSp
     axes.set_title(f"{title}: labels {' '.join(map(str, labels)) or '(none)'}", fontsize=10, pad=18)
     if on_path.size:
         axes.legend(loc="lower right", fontsize=8)
-    try:
-        figure.savefig(path, dpi=110)
-    except OSError as error:  # not writable: checked too late to stop the run, but no traceback
-        raise UsageError(f"--plot {path}: {error.strerror}") from None
-    finally:
-        plt.close(figure)
+    save_plot(figure, path, dpi=110)

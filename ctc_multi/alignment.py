@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .inputs import check_inputs
+from .inputs import as_numpy, check_inputs
 from .lattice import MaxSemiring, log_softmax_of_classes
 from .losses import DEFAULT_LOG_EPSILON, _Problem
 
@@ -151,7 +151,7 @@ def merge_tokens(tokens: Array, scores: Array, *, blank_id: int = 0) -> list[lis
       >>> ctc_multi.merge_tokens(np.array([[0, 3, 3, 0, 5, -1]]), np.array([[-0.1, -0.25, -0.75, 0.0, -1.0, 0.0]]))
       [[TokenSpan(label=3, start=1, end=3, score=-0.5), TokenSpan(label=5, start=4, end=5, score=-1.0)]]
     """
-    tokens, scores = _as_numpy(tokens), _as_numpy(scores)
+    tokens, scores = as_numpy(tokens), as_numpy(scores)
     if tokens.ndim != 2 or scores.shape != tokens.shape:
         raise ValueError(f"tokens and scores must be (B, T)-arrays of the same shape; got {tokens.shape} and {scores.shape}")
     if tokens.size and tokens.dtype.kind not in "iu":  # [[]] reads as float: no frames, no spans
@@ -176,18 +176,6 @@ def _spans(tokens: np.ndarray, scores: np.ndarray, blank_id: int) -> list[TokenS
     if label is not None:
         spans.append(TokenSpan(label, start, end, total / count))
     return spans
-
-
-def _as_numpy(x: Array) -> np.ndarray:
-    from array_api_compat import is_torch_array
-
-    if is_torch_array(x):
-        import torch
-
-        x = x.detach().cpu()
-        x = (x.float() if x.dtype == torch.bfloat16 else x).numpy()  # NumPy has no bfloat16
-    x = np.asarray(x)
-    return x.astype(np.float32) if x.dtype.kind == "V" else x  # JAX's bfloat16 (ml_dtypes), exactly
 
 
 def ctc_posteriors(

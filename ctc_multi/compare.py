@@ -608,6 +608,19 @@ def check_plotting(path: str | None = None) -> None:
             raise UsageError(f"--plot {path}: matplotlib writes {', '.join(sorted(supported))}, not .{extension}")
 
 
+def save_plot(figure, path: str, *, dpi: int) -> None:
+    """Write and close a matplotlib figure; a path that cannot be written is a usage error
+    (found after the run: :func:`check_plotting` catches what it can before)."""
+    import matplotlib.pyplot as plt
+
+    try:
+        figure.savefig(path, dpi=dpi)
+    except OSError as error:
+        raise UsageError(f"--plot {path}: {error.strerror}") from None
+    finally:
+        plt.close(figure)
+
+
 def plot(report: Report, path: str) -> None:
     """A bar chart of the forward and forward+backward times, each pair annotated with its differences."""
     check_plotting()
@@ -638,9 +651,4 @@ def plot(report: Report, path: str) -> None:
     case = report.case.describe()
     axes.set_title(f"{case['source']}, {case['dtype']}, {report.device}", fontsize=10)
     figure.legend(loc="outside lower center", ncols=2, fontsize=8)
-    try:
-        figure.savefig(path, dpi=120)
-    except OSError as error:
-        raise UsageError(f"--plot {path}: {error.strerror}") from None
-    finally:
-        plt.close(figure)
+    save_plot(figure, path, dpi=120)

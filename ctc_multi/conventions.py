@@ -16,7 +16,7 @@ from typing import Any
 from array_api_compat import device
 
 from .backends import backend_for, index_dtype
-from .inputs import _as_padding_mask, in_namespace_of, namespace_of
+from .inputs import _as_padding_mask, in_namespace_of, namespace_of, unsigned_in_index_dtype
 from .losses import ctc_loss
 
 Array = Any
@@ -66,14 +66,10 @@ def _in_range(xp, name: str, lengths: Array, upper: int | None, upper_name: str 
     hold ``upper`` (int8 lengths against 130 frames): then no length can exceed it, and the
     conversion after the check is exact."""
     wide = index_dtype(xp)
-    own, target = xp.iinfo(lengths.dtype), xp.iinfo(wide)
-    if own.min == 0 and own.bits <= target.bits:
-        # Unsigned and no wider: converted first (torch has few ops for uint16 and wider). Exact,
-        # or at the same width a value past the index dtype's largest turns negative and fails.
-        lengths, own = xp.astype(lengths, wide), target
-    limit = target.max if upper is None else upper
+    lengths = unsigned_in_index_dtype(xp, lengths)
+    limit = xp.iinfo(wide).max if upper is None else upper
     outside = lengths < 0
-    if own.max > limit:
+    if xp.iinfo(lengths.dtype).max > limit:
         outside = outside | (lengths > limit)
     if _violated(xp, outside):
         if upper is None:

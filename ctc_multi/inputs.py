@@ -57,29 +57,38 @@ def in_namespace_of(xp, reference: Array, name: str, x) -> Array:
         # Through NumPy: torch.asarray would reinterpret a JAX buffer's bytes instead of its values.
         import numpy as np
 
-        x = _detached(x)
         try:
-            x = np.array(x)  # a writable copy: torch warns on read-only NumPy buffers
+            x = np.array(as_numpy(x))  # a writable copy: torch warns on read-only NumPy buffers
         except Exception as error:
             raise ValueError(f"{name} must be an array, a list or a tuple; got {type(x).__name__}") from error
         try:
-            if x.dtype.kind == "V":  # bfloat16 (JAX's, an ml_dtypes type) and the like: exactly as float32
-                x = x.astype(np.float32)
             return xp.asarray(x, device=device(reference))
         except Exception as error:  # strings, objects: torch cannot hold them
             raise ValueError(f"{name} must hold numbers; got dtype {x.dtype}") from error
     return x if device(x) == device(reference) else xp.asarray(x, device=device(reference))
 
 
-def _detached(x):
-    """A torch tensor as NumPy can read it: off autograd's graph, on the CPU, bfloat16 (which
-    NumPy lacks) as float32, exactly; anything else as it is."""
+def as_numpy(x):
+    """An array of any framework (or a list, a number) as a NumPy array, by value: a torch tensor
+    off autograd's graph and on the CPU; bfloat16, which NumPy lacks (torch's, and JAX's as an
+    ml_dtypes type), as float32, exactly."""
+    import numpy as np
+
     if is_torch_array(x):
         import torch
 
         x = x.detach().cpu()
-        return (x.float() if x.dtype == torch.bfloat16 else x).numpy()
-    return x
+        x = (x.float() if x.dtype == torch.bfloat16 else x).numpy()
+    x = np.asarray(x)
+    return x.astype(np.float32) if x.dtype.kind == "V" else x
+
+
+def unsigned_in_index_dtype(xp, x: Array) -> Array:
+    """Unsigned integers no wider than the namespace's index dtype, converted to it (torch has
+    few ops for uint16 and wider): exactly, or at the same width a value past the index dtype's
+    largest turns negative, which the callers' range checks refuse. Anything else as it is."""
+    own, wide = xp.iinfo(x.dtype), xp.iinfo(index_dtype(xp))
+    return xp.astype(x, index_dtype(xp)) if own.min == 0 and own.bits <= wide.bits else x
 
 
 def compute_dtype(xp, dtype, name: str = "logits"):
@@ -168,12 +177,9 @@ def check_inputs(logits, logit_paddings, labels, label_paddings, *, blank_id, lo
     log_epsilon = _as_log_epsilon(log_epsilon, float(xp.finfo(dtype).min))
     if not xp.isdtype(labels.dtype, "integral"):
         raise ValueError(f"labels must be an integer array; got dtype {labels.dtype}")
-    own, wide = xp.iinfo(labels.dtype), xp.iinfo(index_dtype(xp))
-    if own.max < num_classes or (own.min == 0 and own.bits <= wide.bits):
+    labels = unsigned_in_index_dtype(xp, labels)  # a label past int64's largest: refused as outside [0, K)
+    if xp.iinfo(labels.dtype).max < num_classes:
         # The lattice puts blank_id and K - 1 beside the labels: widen (exactly) so they fit.
-        # Unsigned labels are converted too (torch has few ops for uint16 and wider): exactly,
-        # or at the same width a label past the index dtype's largest turns negative and is
-        # refused as outside [0, K).
         labels = xp.astype(labels, index_dtype(xp))
 
     concrete = all(backend.is_concrete(x) for x in (logit_paddings, labels, label_paddings))
