@@ -271,14 +271,26 @@ def main(argv=None) -> int:
         for name, (loss_error, grad_error, finite) in errors.items():
             print(f"  {name:34s} {loss_error:12.1e} {grad_error:12.1e}  {'yes' if finite else 'NO'}")
         ours = {name: value for name, value in errors.items() if name.startswith("ctc_multi")}
-        worst_loss = max(value[0] for value in ours.values())
-        worst_grad = max(value[1] for value in ours.values())
+        worst_loss, worst_grad = (_worst(value[i] for value in ours.values()) for i in (0, 1))
         for anchor in ANCHORS:
             if anchor in errors:
-                loss_ratio = errors[anchor][0] / worst_loss if worst_loss else math.inf
-                grad_ratio = errors[anchor][1] / worst_grad if worst_grad else math.inf
-                print(f"  {anchor} / worst ctc_multi: loss error x{loss_ratio:.0f}, gradient error x{grad_ratio:.0f}")
+                loss_ratio, grad_ratio = (_ratio(errors[anchor][i], worst) for i, worst in ((0, worst_loss), (1, worst_grad)))
+                print(f"  {anchor} / worst ctc_multi: loss error x{loss_ratio:.3g}, gradient error x{grad_ratio:.3g}")
     return 0
+
+
+def _worst(errors) -> float:
+    """The largest error, NaN if any is NaN (``max`` would keep or drop a NaN by its position)."""
+    errors = list(errors)
+    return math.nan if any(math.isnan(error) for error in errors) else max(errors)
+
+
+def _ratio(anchor_error: float, worst: float) -> float:
+    """The anchor's error over ctc_multi's worst: below 1 where ctc_multi is less accurate, NaN
+    where either error is NaN, inf where ctc_multi's is exactly 0."""
+    if math.isnan(anchor_error) or math.isnan(worst):
+        return math.nan
+    return anchor_error / worst if worst else math.inf
 
 
 if __name__ == "__main__":

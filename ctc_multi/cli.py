@@ -4,12 +4,14 @@ Each command's module registers its parser and sets ``run``, the function that t
 arguments and returns the exit code; :class:`ctc_multi.compare.UsageError` becomes exit code 2.
 
 Exit codes: 0 success; 1 a ctc_multi backend disagrees with the float64 reference beyond its
-dtype's tolerance (or failed to run); 2 a bad command line or input file.
+dtype's tolerance (or failed to run), or the reference disagrees with torch's F.ctc_loss in
+float64; 2 a bad command line or input file.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import align_command, compare
@@ -47,14 +49,15 @@ def add_compare_parser(subparsers) -> None:
             "array_api_strict when installed) and on the anchors optax.ctc_loss and "
             "torch.nn.functional.ctc_loss, then print one table: loss and gradient max-abs difference "
             f"from a float64 reference ({compare.REFERENCE}), forward and forward+backward times "
-            "(median of --repeats after one warm-up), and the forward+backward time as a ratio to the "
-            "fastest anchor."
+            "(median of --repeats after one warm-up), and each row's speed-up: the fastest anchor's "
+            "forward+backward time divided by the row's. With torch installed and selected, a last "
+            "row checks the reference itself against torch's F.ctc_loss in float64."
         ),
         epilog=(
             f"Named shapes (B,T,K,N): {shapes}. Tolerances: {tolerances}. Exit codes: 0 when every "
             "ctc_multi backend agrees with the reference within its dtype's tolerance; 1 when one does "
-            "not, or fails to run; 2 on a bad command line or input file. Anchors are shown for "
-            "comparison only and never set the exit code."
+            "not, or fails to run, or the reference check fails; 2 on a bad command line or input file. "
+            "Anchors are shown for comparison only and never set the exit code."
         ),
     )
     problem = parser.add_argument_group("problem (default: the named shape 'small', random, seed 0)")
@@ -103,12 +106,18 @@ def _shape(args) -> Shape:
 
 
 def run_compare(args) -> int:
+    # torch's OpenMP threads otherwise spin after each op, which on a busy machine slows torch's
+    # next small op many times over (F.ctc_loss 0.5 -> 20 ms on `small`, a run on 2 shared cores);
+    # OpenMP reads this when torch is imported, which no contender has done yet
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if args.input and (args.shape or any(getattr(args, option) for option, _ in _DIMENSIONS)):
         raise compare.UsageError("--input takes its sizes from the file: leave out --shape and --batch/--frames/--classes/--labels")
     contenders = compare.select(args.backends, anchors=not args.no_anchors)
     compare.check_device(contenders, args.device)
     if args.plot:
         compare.check_plotting(args.plot)
+    if args.json:
+        compare.check_directory("--json", args.json)
     if args.input:
         case = compare.load_case(args.input, dtype=args.dtype)
     else:

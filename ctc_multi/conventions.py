@@ -185,10 +185,16 @@ def torch_ctc_loss(
     ctc_multi applies to its logits leaves log probabilities unchanged, so the gradient with
     respect to ``log_probs`` is torch's: ``exp(log_probs) - occupancy``.
 
-    One difference: a sequence that cannot be aligned (``input_length`` shorter than its
-    target plus the blanks between repeated labels) gets a large finite loss (about 1e5,
-    ctc_multi's ``-log_epsilon``) and a finite gradient, where torch gives ``inf`` and NaN
-    gradients. ``zero_infinity=True`` gives loss 0 and gradient 0 for them, as in torch.
+    Two differences:
+
+    - A sequence that cannot be aligned (``input_length`` shorter than its target plus the
+      blanks between repeated labels) gets a large finite loss (about 1e5, ctc_multi's
+      ``-log_epsilon``) and a finite gradient, where torch gives ``inf`` and NaN gradients.
+      ``zero_infinity=True`` gives loss 0 and gradient 0 for them, as in torch.
+    - ``log_probs`` that are not log probabilities (frames whose exponentials do not sum to
+      one: scores with a log prior subtracted, say) are normalised first, so the loss is that of
+      their log-softmax; torch sums such scores as given. Pass ``log_probs.log_softmax(-1)``
+      to torch for the same number, or normalise the scores yourself before either.
 
     Args:
       log_probs: (T, B, C)-array of log probabilities (T frames, B sequences, C classes), or

@@ -41,10 +41,17 @@ def namespace_of(logits: Array) -> tuple[ModuleType, Array]:
     try:
         return array_namespace(logits), logits
     except TypeError:
-        import numpy as np
-
-        logits = np.asarray(logits)
+        logits = _numpy_of_python_values(logits)
         return array_namespace(logits), logits
+
+
+def _numpy_of_python_values(x):
+    """A list, a tuple or a number as a NumPy array; an empty list or tuple, which has no dtype
+    to go by, as int64 (NumPy's float64 would be refused as lengths or labels)."""
+    import numpy as np
+
+    x = np.asarray(x)
+    return x.astype(np.int64) if x.size == 0 and x.dtype == np.float64 else x
 
 
 def in_namespace_of(xp, reference: Array, name: str, x) -> Array:
@@ -57,10 +64,12 @@ def in_namespace_of(xp, reference: Array, name: str, x) -> Array:
         # Through NumPy: torch.asarray would reinterpret a JAX buffer's bytes instead of its values.
         import numpy as np
 
-        try:
-            x = np.array(as_numpy(x))  # a writable copy: torch warns on read-only NumPy buffers
+        try:  # a writable copy: torch warns on read-only NumPy buffers
+            x = np.array(as_numpy(x) if hasattr(x, "dtype") else _numpy_of_python_values(x))
         except Exception as error:
             raise ValueError(f"{name} must be an array, a list or a tuple; got {type(x).__name__}") from error
+        if x.dtype.kind == "f" and x.dtype.itemsize < 4:
+            x = x.astype(np.float32)  # exactly; namespaces without float16 (array_api_strict) refused it
         try:
             return xp.asarray(x, device=device(reference))
         except Exception as error:  # strings, objects: torch cannot hold them
@@ -79,7 +88,12 @@ def as_numpy(x):
 
         x = x.detach().cpu()
         x = (x.float() if x.dtype == torch.bfloat16 else x).numpy()
-    x = np.asarray(x)
+    try:
+        x = np.asarray(x)
+    except (TypeError, RuntimeError, ValueError):  # an array-API array on another device (CuPy's refuses np.asarray)
+        if not hasattr(x, "__dlpack__"):
+            raise
+        x = np.from_dlpack(x, device="cpu", copy=True)
     return x.astype(np.float32) if x.dtype.kind == "V" else x
 
 

@@ -814,7 +814,11 @@ def _ending_occupancy(xp, lattice: Lattice, final_log_state: Array) -> Array:
     state_ids = xp.arange(final_log_state.shape[-1], device=_device(final_log_state))
     last_blank = 2 * lattice.label_lengths[:, None]
     is_end = (state_ids == last_blank) | (state_ids == last_blank - 1)
-    ending = xp.where(is_end, final_log_state, xp.full_like(final_log_state, lattice.log_epsilon))
+    # The largest of the two end states alone, not of them and log_epsilon: where both lie far
+    # below log_epsilon (a moderate one, and padded labels' states above them), exp of their
+    # distance to it was 0 for both, and the occupancy 0 / 0.
+    lowest = xp.full_like(final_log_state, float(xp.finfo(final_log_state.dtype).min))
+    ending = xp.where(is_end, final_log_state, lowest)
     ending = xp.exp(ending - xp.max(ending, axis=-1, keepdims=True))
     ending = xp.where(is_end, ending, xp.zeros_like(ending))
     return ending / xp.sum(ending, axis=-1, keepdims=True)
@@ -981,14 +985,22 @@ def blank_row_with_final_labels(xp, log_state: Array) -> Array:
 
 
 def loss_from_final_state(xp, lattice: Lattice, final_carry, index_dtype) -> Array:
-    """(B,) negative log-likelihood of each label sequence, never below zero."""
+    """(B,) negative log-likelihood of each label sequence, never below zero unless a label is
+    the blank."""
     log_state, offset_hi, offset_lo = final_carry
     per_length = blank_row_with_final_labels(xp, log_state)
     lengths = xp.astype(lattice.label_lengths, index_dtype)[:, None]
     log_likelihood = xp.take_along_axis(per_length, lengths, axis=1)[:, 0]
     loss = -((log_likelihood + offset_lo) + offset_hi)
     # A probability is at most one; a rounding-level negative value is clamped, nothing more.
-    return xp.maximum(loss, xp.zeros_like(loss))
+    # Where an unpadded label is the blank (state 0's class), the lattice counts some frame
+    # sequences twice and the sum may pass one: that loss is optax's and torch's, and the
+    # gradient's, so it stays as it is.
+    label_classes = lattice.state_classes[:, 1::2]
+    positions = xp.arange(label_classes.shape[-1], device=_device(label_classes))
+    unpadded = positions < xp.astype(lattice.label_lengths, positions.dtype)[:, None]
+    blank_as_label = xp.any((label_classes == lattice.state_classes[:, :1]) & unpadded, axis=1)
+    return xp.where(blank_as_label, loss, xp.maximum(loss, xp.zeros_like(loss)))
 
 
 def forward_probs_from_history(xp, history) -> tuple[Array, Array]:

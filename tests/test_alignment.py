@@ -340,3 +340,21 @@ def test_posteriors_by_hand(xp):
     expected[2, 0, 0] = 1.0
     expected[3, :2, 0] = 2 / 3
     np.testing.assert_allclose(posteriors, expected, **TOLERANCE["float64"])
+
+
+def test_arrays_on_another_array_api_device():
+    """array_api_strict's second device (standing in for a GPU namespace such as CuPy, whose
+    arrays refuse np.asarray): merge_tokens reads forced_align's results there, and such labels
+    and float16 paddings (array_api_strict has no float16) beside other logits are taken by value."""
+    xs = pytest.importorskip("array_api_strict")
+    other = xs.Device("device1")
+    problem = random_problem(np.random.default_rng(70), 2, 6, 4, 2, min_label_length=1)
+    tokens, scores = ctc_multi.forced_align(*problem)
+    there = ctc_multi.forced_align(xs.asarray(problem.logits, device=other), *problem[1:])
+    assert there[0].device == other
+    assert ctc_multi.merge_tokens(*there) == ctc_multi.merge_tokens(tokens, scores)
+    loss = ctc_multi.ctc_loss(problem.logits, problem.logit_paddings, xs.asarray(problem.labels, device=other), problem.label_paddings)
+    np.testing.assert_allclose(loss, ctc_multi.ctc_loss(*problem), **TOLERANCE["float64"])
+    strict_logits = xs.asarray(problem.logits.astype(np.float32))
+    loss = ctc_multi.ctc_loss(strict_logits, problem.logit_paddings.astype(np.float16), *problem[2:])
+    np.testing.assert_allclose(np.asarray(loss), ctc_multi.ctc_loss(problem.logits.astype(np.float32), *problem[1:]), **TOLERANCE["float32"])

@@ -259,7 +259,8 @@ def test_runs_report_each_ratio_as_the_median_of_the_runs_ratios_and_keep_every_
 
     def prepare(case, device):
         losses = np.zeros(case.problem.logits.shape[0])
-        return runner.compare.Prepared("cpu", lambda: losses, lambda: (losses, None), np.asarray)
+        gradient = np.zeros(case.problem.logits.shape)
+        return runner.compare.Prepared("cpu", lambda: losses, lambda: (losses, gradient), np.asarray)
 
     monkeypatch.setattr(runner, "OURS", (runner.Contender("ctc_multi numpy", "numpy", False, (), prepare),))
     monkeypatch.setattr(runner, "ANCHORS", (runner.Contender("torch F.ctc_loss", "torch", True, (), prepare),))
@@ -292,3 +293,101 @@ def test_runs_report_each_ratio_as_the_median_of_the_runs_ratios_and_keep_every_
     for arguments in (["--runs", "0"], ["--runs", "2", "--memory"], ["--runs", "2", "--sweep", "T"]):
         with pytest.raises(SystemExit):
             runner.parse_args(arguments)
+
+
+def test_each_contender_is_timed_on_what_it_claims_and_checked_against_the_anchor(monkeypatch):
+    """measure_shape with real contenders on a tiny shape: ctc_multi's NumPy backend against
+    torch's F.ctc_loss (or optax where torch is missing). The runner checks each contender's
+    losses and gradient against the anchor's, so a forward+backward that computed no gradient,
+    or another problem's, would show here; the calls timed as "fwd" return the (B,) losses and
+    those timed as "fwd+bwd" the gradient too; every contender gets both timings."""
+    runner = load_runner()
+    monkeypatch.setattr(runner, "SETTLE_S", 0.0)
+    anchors = [a for a in runner.ANCHORS if not a.cuda_only and not a.missing()]
+    if not anchors:
+        pytest.skip("neither torch nor optax is installed: no anchor to check against")
+    timed = {}
+    real_timings = runner.interleaved_timings
+
+    def timings(functions, **options):  # what each timed call returns: the loss alone, or with the gradient
+        timed.update({key: function() for key, function in functions.items()})
+        return real_timings(functions, **options)
+
+    monkeypatch.setattr(runner, "interleaved_timings", timings)
+    ours = [c for c in runner.OURS if c.key == "numpy"]
+    rows = runner.measure_shape(runner.Shape("tiny", B=3, T=30, K=6, N=8), ours + anchors[-1:], device="cpu", repeats=runner.MIN_REPEATS, budget_s=0.0)
+    assert [row.error for row in rows] == ["", ""]
+    (mine,) = [row for row in rows if not row.anchor]
+    assert mine.loss_rel_diff < 1e-5 and mine.grad_abs_diff < 1e-4, mine
+    assert all(row.fwd.repeats == row.fwd_bwd.repeats == runner.MIN_REPEATS for row in rows)
+    assert set(mine.ratios) == set(runner.DIRECTIONS)
+    for row in rows:
+        assert np.shape(timed[row.contender, "fwd"]) == (3,)
+        loss, grad = timed[row.contender, "fwd+bwd"]
+        assert np.shape(grad) == (3, 30, 6)
+
+
+def test_timings_are_medians_of_the_timed_calls(monkeypatch):
+    """interleaved_timings on a clock that each call moves on by a set amount: the median (3 ms),
+    not the fastest (1) or the mean (4), and every timed call kept."""
+    runner = load_runner()
+    monkeypatch.setattr(runner, "SETTLE_S", 0.0)
+    clock = [0.0]
+    monkeypatch.setattr(runner.time, "perf_counter", lambda: clock[0])
+    durations = iter([0.005, 0.001, 0.003, 0.009, 0.002])
+    calls = []
+
+    def contender():
+        calls.append(None)
+        if len(calls) % 2 == 0:  # each round's untimed call (before_timed_call) takes no time
+            clock[0] += next(durations)
+
+    timing = runner.interleaved_timings({"only": contender}, repeats=5, budget_s=1e9, warm_up=False)["only"]
+    assert timing.median_ms == pytest.approx(3.0)
+    assert timing.times_ms == pytest.approx([5.0, 1.0, 3.0, 9.0, 2.0])
+
+
+def test_named_shapes_and_their_random_problems_are_the_issues():
+    """The sizes (B, T, K, N) of the issue, and random problems with N/2 to N labels in 1..K-1
+    and 0.8 T to T valid frames, padded after them."""
+    from ctc_multi.shapes import SHAPES, random_problem
+
+    assert {name: (s.B, s.T, s.K, s.N) for name, s in SHAPES.items()} == {
+        "small": (8, 100, 32, 20), "char": (32, 500, 32, 100), "bpe": (16, 400, 1024, 80),
+        "long": (4, 2000, 64, 400), "vocab5k": (8, 300, 5000, 60), "big": (64, 1000, 1024, 200),
+    }
+    for name in ("small", "char", "bpe"):
+        shape = SHAPES[name]
+        problem = random_problem(shape, seed=1)
+        frames = np.sum(problem.logit_paddings == 0, axis=1)
+        labels = np.sum(problem.label_paddings == 0, axis=1)
+        assert np.all((0.8 * shape.T <= frames) & (frames <= shape.T)) and np.ptp(frames) > 0
+        assert np.all((shape.N / 2 <= labels) & (labels <= shape.N)) and np.ptp(labels) > 0
+        assert np.all(np.diff(problem.logit_paddings, axis=1) >= 0) and np.all(np.diff(problem.label_paddings, axis=1) >= 0)
+        unpadded = problem.labels[problem.label_paddings == 0]
+        assert unpadded.min() >= 1 and unpadded.max() <= shape.K - 1
+
+
+def test_memory_on_a_gpu_compares_device_peaks_not_the_hosts_resident_set():
+    runner = load_runner()
+    results = [
+        dict(implementation=name, compiled_total_bytes=compiled, rss_peak_increase_bytes=rss, rss_peak_bytes=rss, device_peak_bytes=device)
+        for name, compiled, rss, device in (("ctc_multi", 2**20, 2**20, 2**21), ("optax", 2**21, 2**24, 2**22))
+    ]
+    text = runner.memory_text("long", results)
+    assert "device peak: ctc_multi / optax = 0.50" in text and "compiled: ctc_multi / optax = 0.50" in text
+    assert "RSS peak+: ctc_multi" not in text and "RSS peak: ctc_multi" not in text
+    on_cpu = runner.memory_text("long", [dict(r, device_peak_bytes=None) for r in results])
+    assert "RSS peak+: ctc_multi / optax = 0.06" in on_cpu
+
+
+def test_cudnn_anchor_is_unavailable_for_labels_it_would_hand_to_torchs_own_kernel():
+    """cuDNN takes label sequences shorter than 256; past that torch runs its native kernel, which
+    must not be timed under cuDNN's name (`long`, N = 400)."""
+    runner = load_runner()
+    from ctc_multi.shapes import SHAPES, random_problem
+
+    for name, expected in (("long", "shorter than 256; this one has"), ("small", "runs on CUDA only")):
+        case = runner.compare.Case(random_problem(SHAPES[name], 0, "float32"), blank_id=0, source=name)
+        with pytest.raises(runner.compare.Unavailable, match=expected):
+            runner._prepare_torch_cudnn(case, "cuda" if name == "long" else "cpu")

@@ -17,13 +17,14 @@ import numpy as np
 import pytest
 from conftest import installed
 
+import ctc_multi
 from ctc_multi import compare
 from ctc_multi.shapes import Shape, random_problem
 
 TINY = ["--batch", "2", "--frames", "20", "--classes", "5", "--labels", "4", "--repeats", "1"]
 ROW_KEYS = {
     "backend", "anchor", "status", "device", "dtype", "loss_max_abs_diff", "grad_max_abs_diff",
-    "forward_ms", "forward_backward_ms", "ratio_to_fastest_anchor", "message", "fails",
+    "forward_ms", "forward_backward_ms", "speedup_over_fastest_anchor", "message", "fails",
 }
 
 
@@ -35,8 +36,9 @@ def run_cli(*args: str, cwd, script: str | None = None) -> subprocess.CompletedP
 
 
 def expected_rows() -> list[str]:
-    """The rows a default run shows: the default backends, then the anchors of their frameworks."""
-    return [contender.name for contender in compare.select(None)]
+    """The rows a default run shows: the default backends, the anchors of their frameworks, and
+    the reference check where torch is installed."""
+    return [contender.name for contender in compare.select(None)] + ([compare.REFERENCE_CHECK] if installed("torch") else [])
 
 
 def table_line(stdout: str, backend: str) -> str:
@@ -62,6 +64,8 @@ def test_default_run_prints_every_backend_and_json_has_one_row_each(tmp_path):
         assert ("not installed" in line) == bool(contender.missing()), line
         if not contender.missing():
             assert line.rstrip(" │").endswith("ok"), line
+    if installed("torch"):
+        assert table_line(result.stdout, compare.REFERENCE_CHECK).rstrip(" │").endswith("ok")
 
     data = json.loads((tmp_path / "out.json").read_text())
     assert set(data) == {"problem", "device", "repeats", "reference", "tolerance", "exit_code", "rows"}
@@ -71,7 +75,10 @@ def test_default_run_prints_every_backend_and_json_has_one_row_each(tmp_path):
     assert [row["backend"] for row in data["rows"]] == expected_rows()
     for row in data["rows"]:
         assert set(row) == ROW_KEYS
-        if row["status"] == "ok":
+        if row["backend"] == compare.REFERENCE_CHECK:
+            assert row["status"] == "ok" and row["dtype"] == "float64" and row["forward_ms"] is None
+            assert row["loss_max_abs_diff"] < 1e-8 and row["grad_max_abs_diff"] < 1e-8
+        elif row["status"] == "ok":
             assert row["dtype"] == "float32" and row["forward_ms"] > 0 and row["forward_backward_ms"] > 0
             assert row["grad_max_abs_diff"] <= data["tolerance"]["grad"]
         else:
@@ -118,6 +125,23 @@ def test_broken_input_file_is_a_clear_error(tmp_path, changes, expected):
     assert result.returncode == 2
     assert expected in result.stderr and "bad.npz" in result.stderr
     assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+def test_a_sequence_without_alignment_passes_where_every_possible_one_agrees(tmp_path):
+    """Sequence 1 of the file has 5 labels and 3 frames: its loss is about -log_epsilon
+    everywhere, its gradient comes only from the paths log 0's stand-in allows and differs
+    between float32 and float64 beyond the gradient's tolerance, so it is left out of grad Δ;
+    the comparison passes."""
+    problem = random_problem(Shape("tiny", B=3, T=24, K=6, N=5), seed=3, dtype="float32")
+    logit_paddings = problem.logit_paddings.copy()
+    logit_paddings[1, 3:] = 1
+    labels = problem.labels.copy()
+    labels[1] = [1, 2, 3, 4, 5]
+    save_problem(tmp_path / "one_impossible.npz", logit_paddings=logit_paddings, labels=labels, label_paddings=np.zeros((3, 5), np.float32))
+    result = run_cli("compare", "--input", "one_impossible.npz", "--backends", "numpy,torch", "--repeats", "1", "--json", "out.json", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = {row["backend"]: row for row in json.loads((tmp_path / "out.json").read_text())["rows"]}
+    assert rows["numpy"]["status"] == "ok" and rows["numpy"]["grad_max_abs_diff"] < 1e-4
 
 
 def test_input_that_is_not_an_npz(tmp_path):
@@ -188,6 +212,89 @@ def test_anchors_never_set_the_exit_code():
     assert report.exit_code == 1
 
 
+@pytest.mark.skipif(not installed("torch"), reason="the reference check runs torch's F.ctc_loss")
+def test_a_defect_shared_by_every_backend_fails_the_reference_check(tmp_path):
+    """Every backend (and so the reference, ctc_multi's NumPy backend) off by 0.5: the backends'
+    rows agree with the reference, torch's float64 F.ctc_loss does not, and the exit code is 1."""
+    script = f"""
+import sys
+from ctc_multi import losses
+from ctc_multi.cli import main
+shared = losses._Problem._loss
+losses._Problem._loss = lambda self, lattice, final: shared(self, lattice, final) + 0.5
+sys.exit(main(["compare", "--backends", "numpy,torch", *{TINY!r}]))
+"""
+    result = run_cli(cwd=tmp_path, script=script)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert table_line(result.stdout, "numpy").rstrip(" │").endswith("ok")
+    assert "outside tolerance" in table_line(result.stdout, compare.REFERENCE_CHECK)
+    assert f"outside tolerance or failed: {compare.REFERENCE_CHECK}" in result.stderr
+
+
+@pytest.mark.skipif(not installed("torch"), reason="the reference check runs torch's F.ctc_loss")
+def test_reference_check_leaves_out_impossible_sequences_only_where_the_reference_agrees():
+    """Sequence 1 cannot be aligned (3 labels, 2 frames): torch's loss is inf, the reference's
+    about -log_epsilon, and the check passes; with labels equal to the blank, too. A reference
+    that found a finite loss for sequence 1 fails."""
+    problem = random_problem(Shape("tiny", B=3, T=6, K=5, N=3), seed=1, dtype="float64")
+    logit_paddings = problem.logit_paddings.copy()
+    logit_paddings[1] = [0, 0, 1, 1, 1, 1]
+    labels = np.array([[3, 2, 1], [3, 2, 3], [1, 2, 4]])
+    problem = problem._replace(logit_paddings=logit_paddings, labels=labels, label_paddings=np.zeros_like(problem.label_paddings))
+    case = compare.Case(problem, blank_id=0, source="test")
+    reference_loss, reference_grad = ctc_multi.ctc_loss_and_grad(*problem)
+    assert reference_loss[1] > compare.IMPOSSIBLE_LOSS
+    row = compare._check_reference(case, (reference_loss, reference_grad))
+    assert row.status == "ok" and row.loss_max_abs_diff < 1e-10, row
+    blank_labelled = problem._replace(labels=np.array([[1, 2, 0], [1, 2, 3], [0, 1, 0]]))  # torch's gradient is wrong there
+    row = compare._check_reference(compare.Case(blank_labelled, blank_id=0, source="test"), ctc_multi.ctc_loss_and_grad(*blank_labelled))
+    assert row.status == "ok" and row.loss_max_abs_diff < 1e-10, row
+    wrong = reference_loss.copy()
+    wrong[1] = 7.0
+    row = compare._check_reference(case, (wrong, reference_grad))
+    assert row.status == "outside tolerance" and "no alignment for sequence 1" in row.message
+
+
+def test_each_loss_is_held_to_its_own_size():
+    """Losses 1000 and 0.5: 1e-3 off on the small one is outside float32's 1e-5 × max(1, |loss|),
+    whatever the large one's size."""
+    tolerance = compare.TOLERANCES["float32"]
+    reference = np.array([1000.0, 0.5])
+    assert tolerance.losses_within(reference + [5e-3, 5e-6], reference)
+    assert not tolerance.losses_within(reference + [0.0, 1e-3], reference)
+    assert not tolerance.losses_within(reference + [np.nan, 0.0], reference)
+
+
+def test_speedup_is_the_fastest_anchors_time_over_the_rows():
+    rows = [
+        compare.Row("numpy", False, "ok", forward_backward_ms=8.0),
+        compare.Row("jax", False, "ok", forward_backward_ms=1.0),
+        compare.Row("optax.ctc_loss", True, "ok", forward_backward_ms=4.0),
+        compare.Row("torch F.ctc_loss", True, "ok", forward_backward_ms=2.0),
+        compare.Row(compare.REFERENCE_CHECK, False, "ok"),
+    ]
+    compare._add_speedups(rows)
+    assert [row.speedup_over_fastest_anchor for row in rows] == [0.25, 2.0, 0.5, 1.0, None]
+
+
+def test_openmp_threads_wait_passively_unless_the_user_chose(tmp_path):
+    """compare sets OMP_WAIT_POLICY=PASSIVE before any contender imports torch (spinning OpenMP
+    threads distort torch's times on a busy machine), and keeps a policy the user set."""
+    script = f"""
+import os, sys
+from ctc_multi.cli import main
+assert "torch" not in sys.modules
+main(["compare", "--backends", "numpy", "--no-anchors", *{TINY!r}])
+print("policy", os.environ.get("OMP_WAIT_POLICY"))
+"""
+    environment = {key: value for key, value in os.environ.items() if key != "OMP_WAIT_POLICY"}
+    for given, expected in ((None, "PASSIVE"), ("ACTIVE", "ACTIVE")):
+        env = dict(environment, COLUMNS="200", **({"OMP_WAIT_POLICY": given} if given else {}))
+        result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        assert f"policy {expected}" in result.stdout
+
+
 def test_plot_writes_a_png(tmp_path):
     result = run_cli("compare", "--backends", "numpy", *TINY, "--plot", "times.png", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -224,10 +331,12 @@ def test_usage_errors_exit_2(tmp_path):
         (["--classes", "1", "--backends", "numpy", "--no-anchors"], "K must be an integer >= 2; got 1 (from --classes 1)"),
         (["--seed", "-1", "--backends", "numpy", "--no-anchors"], "argument --seed: must be a non-negative integer"),
         (["--plot", "times.txt", "--backends", "numpy", "--no-anchors"], "not .txt"),
+        (["--json", "missing/out.json", "--backends", "numpy", "--no-anchors"], "--json missing/out.json: no such directory"),
     ):
         result = run_cli("compare", *args, cwd=tmp_path)
         assert result.returncode == 2 and expected in result.stderr, (args, result.stderr)
         assert "Traceback" not in result.stderr
+        assert "fwd+bwd" not in result.stdout, "refused before the run, not after it"
 
 
 def test_help_names_the_reference_and_the_exit_codes(tmp_path):

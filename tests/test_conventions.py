@@ -189,6 +189,24 @@ def test_torch_ctc_loss_reductions_match_torch(xp, reduction, targets_form, zero
     check_against_torch(xp, log_probs, targets, input_lengths, target_lengths, lengths_as="array", **options)
 
 
+def test_torch_ctc_loss_normalises_scores_that_are_not_log_probabilities(xp):
+    """Log probabilities with a log prior subtracted: the loss and gradient are torch's for
+    their log-softmax (documented), not torch's for the scores as given, which differ."""
+    require_torch()
+    log_probs, padded, _, input_lengths, target_lengths = torch_style_problem(3, infeasible=False)
+    scores = log_probs - np.log([0.5, 0.2, 0.1, 0.1, 0.1])
+    normalised = scores - np.log(np.exp(scores).sum(axis=-1, keepdims=True))
+    expected = torch_expected(normalised, padded, input_lengths, target_lengths, reduction="none")
+    as_given = torch_expected(scores, padded, input_lengths, target_lengths, reduction="none")
+    assert np.max(np.abs(as_given[0] - expected[0])) > 1.0
+    arrays = (xp.asarray(scores), xp.asarray(padded), xp.asarray(input_lengths), xp.asarray(target_lengths))
+    loss = ctc_multi.torch_ctc_loss(*arrays, reduction="none")
+    np.testing.assert_allclose(xp.to_numpy(loss), expected[0], **TOLERANCE["torch_float64"])
+    gradient = autodiff(xp, lambda *args: ctc_multi.torch_ctc_loss(*args, reduction="none").sum(), *arrays)
+    if gradient is not None:  # d loss / d scores through the log-softmax: torch's for the normalised scores
+        np.testing.assert_allclose(gradient, expected[1], **TOLERANCE["torch_float64"])
+
+
 @pytest.mark.parametrize("targets_form", ["padded", "concatenated"])
 def test_torch_ctc_loss_matches_torch_with_another_blank(xp, targets_form):
     require_torch()
@@ -308,3 +326,11 @@ _TARGETS = np.array([[1, 2, 0], [3, 0, 0]])
 def test_torch_ctc_loss_errors_name_the_argument(arguments, options, message):
     with pytest.raises(ValueError, match=message):
         ctc_multi.torch_ctc_loss(*arguments, **options)
+
+
+def test_empty_lists_of_lengths_are_integers():
+    """B = 0 with lengths as empty lists, which have no dtype (NumPy reads them as float64):
+    taken as integers, not refused as "must hold integers"."""
+    assert ctc_multi.lengths_to_paddings([], 5).shape == (0, 5)
+    loss = ctc_multi.torch_ctc_loss(np.zeros((5, 0, 4), np.float32), np.zeros((0,), np.int64), [], [], reduction="sum")
+    assert float(loss) == 0.0

@@ -455,18 +455,21 @@ def test_jax_second_derivatives_match_finite_differences(jax_x64):
     np.testing.assert_allclose(np.asarray(product), (up - down) / (2 * step), **TOLERANCE["finite_difference_float64"])
 
 
-def test_torch_gradient_stays_differentiable_in_the_cotangent():
+@pytest.mark.parametrize("weight_values", [[0.5, -2.0, 3.0], [1.0, 1.0, 1.0]])
+def test_torch_gradient_stays_differentiable_in_the_cotangent(weight_values):
     """torch: refusing the second derivative in the logits must not take away the derivative in
     the cotangent, which autograd records: per-sequence weights w, g = d sum(w * loss) / dx has
     rows w_b G_b, so d |g|^2 / dw_b = 2 w_b |G_b|^2; and torch.autograd.functional.jvp (a double
-    backward) gives sum(G_b * v_b). G is the float64 reference's gradient."""
+    backward) gives sum(G_b * v_b). G is the float64 reference's gradient. Weights of one make
+    a cotangent of ones, which must still be recorded (the backward's shortcut for
+    ``loss.sum()`` lost it)."""
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(95)
     problem = random_problem(rng, 3, 6, 4, 2, frame_layout="middle", min_label_length=1)
     _, expected_gradient = ctc_reference(*problem)
     rest = tuple(torch.as_tensor(array) for array in problem[1:])
     logits = torch.tensor(problem.logits, dtype=torch.float64, requires_grad=True)
-    weights = torch.tensor([0.5, -2.0, 3.0], dtype=torch.float64, requires_grad=True)
+    weights = torch.tensor(weight_values, dtype=torch.float64, requires_grad=True)
     (gradient,) = torch.autograd.grad((weights * ctc_multi.ctc_loss(logits, *rest)).sum(), logits, create_graph=True)
     (by_weight,) = torch.autograd.grad((gradient**2).sum(), weights)
     squared_norms = (expected_gradient**2).sum(axis=(1, 2))
@@ -543,6 +546,25 @@ def test_torch_second_derivatives_are_refused():
         torch.func.grad(lambda x: torch.func.grad(summed)(x).sum())(torch.tensor(problem.logits))
 
 
+def test_torch_func_vmap_over_the_logits_computes_what_a_loop_does():
+    """torch.func.vmap over a stack of logits (each one problem of its own): the losses, the
+    explicit gradients and the forward probabilities of a loop over the stack. Mapping the
+    paddings or labels is refused: the input checks read their values."""
+    torch = pytest.importorskip("torch")
+    problem = random_problem(np.random.default_rng(96), 1, 6, 4, 2, frame_layout="middle", min_label_length=1)
+    rest = tuple(torch.as_tensor(array) for array in problem[1:])
+    stack = torch.as_tensor(np.random.default_rng(97).normal(size=(3,) + problem.logits.shape))
+    for function in (ctc_multi.ctc_loss, ctc_multi.ctc_loss_and_grad, ctc_multi.ctc_loss_with_forward_probs):
+        mapped = torch.func.vmap(lambda x: function(x, *rest))(stack)
+        for index, logits in enumerate(stack):
+            expected = function(logits, *rest)
+            for got, want in zip(*((r,) if isinstance(r, torch.Tensor) else r for r in (mapped, expected))):
+                np.testing.assert_allclose(got[index].numpy(), want.numpy(), **TOLERANCE["float64"])
+    paddings = torch.as_tensor(np.stack([problem.logit_paddings] * 3))
+    with pytest.raises(RuntimeError, match="data-dependent control flow"):
+        torch.func.vmap(lambda p: ctc_multi.ctc_loss(stack[0], p, *rest[1:]))(paddings)
+
+
 def test_torch_backward_of_the_sum_again_with_retain_graph():
     """torch: the gradient of ``loss.sum()`` (cotangent all ones) is handed back unscaled, the
     saved one itself. Backward passes over a retained graph must still agree with the reference
@@ -606,3 +628,80 @@ def test_random_small_problems_match_reference(xp):
         assert_gradient_structure(grad, held.logit_paddings, atol=TOLERANCE["gradient_float64"]["atol"])
 
     check()
+
+
+def test_readmes_data_parallel_recipe_for_torchs_mean_over_uneven_shards():
+    """README, Scaling beyond one device: with shards of 2 and 3 sequences on two ranks, each
+    rank's ``(losses / label_lengths.clamp(min=1)).sum() * world_size / global_batch_size``,
+    averaged over the ranks as DDP averages their gradients, is ``reduction="mean"`` of the
+    whole batch, in value and in gradient; the local means averaged are not."""
+    torch = pytest.importorskip("torch")
+    problem = random_problem(np.random.default_rng(98), 5, 7, 4, 3, frame_layout="right")
+    logits = torch.tensor(problem.logits, requires_grad=True)
+    rest = [torch.as_tensor(array) for array in problem[1:]]
+
+    def recipe(shard):
+        losses = ctc_multi.ctc_loss(logits[shard], *(array[shard] for array in rest))
+        label_lengths = (rest[2][shard] == 0).sum(dim=1)
+        return (losses / label_lengths.clamp(min=1)).sum() * 2 / 5
+
+    shards = (slice(0, 2), slice(2, 5))
+    ranks_average = sum(recipe(shard) for shard in shards) / 2
+    (gradient,) = torch.autograd.grad(ranks_average, logits)
+    whole = ctc_multi.ctc_loss(logits, *rest, reduction="mean")
+    (expected_gradient,) = torch.autograd.grad(whole, logits)
+    np.testing.assert_allclose(ranks_average.item(), whole.item(), **TOLERANCE["float64"])
+    np.testing.assert_allclose(gradient.numpy(), expected_gradient.numpy(), **TOLERANCE["float64"])
+    local_means = sum(ctc_multi.ctc_loss(logits[s], *(a[s] for a in rest), reduction="mean") for s in shards) / 2
+    assert abs(local_means.item() - whole.item()) > 1e-3
+
+
+def test_float32_gradient_with_a_moderate_log_epsilon_and_padded_labels(xp):
+    """float32, log_epsilon = -5, peaky logits and 20 padded labels behind 10: the states of the
+    padded labels end far above the two end states, which lie more than 100 below log_epsilon.
+    The ending occupancy took its largest value from log_epsilon there, so both end states'
+    shares underflowed to 0 / 0: NaN in every gradient entry and posterior (or, one end state
+    short of that, a wrong split between them). Now the float64 gradient's, within float32's
+    accuracy."""
+    rng = np.random.default_rng(0)
+    T, K, labels, padded = 100, 8, 10, 20
+    logits = rng.standard_normal((1, T, K)) * 5
+    problem = Problem(
+        logits, np.zeros((1, T)), rng.integers(1, K, (1, labels + padded)), (np.arange(labels + padded)[None] >= labels).astype(float)
+    )
+    expected_loss, expected_grad = ctc_multi.ctc_loss_and_grad(*problem, log_epsilon=-5.0)  # NumPy, float64
+    expected_posteriors = ctc_multi.ctc_posteriors(*problem, log_epsilon=-5.0)
+    arrays, _ = to_backend(xp, problem, "float32")
+    loss, grad = (xp.to_numpy(r) for r in ctc_multi.ctc_loss_and_grad(*arrays, log_epsilon=-5.0))
+    np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
+    np.testing.assert_allclose(grad, expected_grad, atol=1e-4)
+    posteriors = xp.to_numpy(ctc_multi.ctc_posteriors(*arrays, log_epsilon=-5.0))
+    np.testing.assert_allclose(posteriors, expected_posteriors, atol=1e-4)
+
+
+def test_torch_three_backward_passes_through_a_view_of_the_leaf():
+    """torch: the logits a view of the leaf (``x.view``, and torch_ctc_loss, which transposes
+    its (T, B, C) input back): autograd may keep the gradient handed to the leaf as ``x.grad``
+    and add the next one into it in place. Three backward passes over a retained graph give
+    three times the reference's gradient; a third one raised "modified by an inplace operation"
+    when the saved gradient itself was handed back."""
+    torch = pytest.importorskip("torch")
+    problem = random_problem(np.random.default_rng(99), 2, 8, 5, 3, frame_layout="right", min_label_length=1)
+    _, expected = ctc_reference(*problem)
+    rest = [torch.as_tensor(array) for array in problem[1:]]
+    lengths = [torch.as_tensor((paddings == 0).sum(axis=1)) for paddings in (problem.logit_paddings, problem.label_paddings)]
+    losses = {
+        "view": lambda x: ctc_multi.ctc_loss(x.view(x.shape), *rest).sum(),
+        "view, sum": lambda x: ctc_multi.ctc_loss(x.view(x.shape), *rest, reduction="sum"),
+        "torch_ctc_loss": lambda x: ctc_multi.torch_ctc_loss(
+            torch.log_softmax(x, dim=-1).transpose(0, 1), rest[1], *lengths, reduction="sum"
+        ),
+        "torch_ctc_loss of a leaf's view": lambda x: ctc_multi.torch_ctc_loss(x.transpose(0, 1), rest[1], *lengths, reduction="sum"),
+    }
+    log_probs = problem.logits - np.log(np.exp(problem.logits).sum(axis=-1, keepdims=True))  # the same gradient
+    for name, loss_of in losses.items():
+        logits = torch.tensor(log_probs if name.endswith("leaf's view") else problem.logits, requires_grad=True)
+        loss = loss_of(logits)
+        for _ in range(3):
+            loss.backward(retain_graph=True)
+        np.testing.assert_allclose(logits.grad.numpy(), 3 * expected, **TOLERANCE["gradient_float64"], err_msg=name)

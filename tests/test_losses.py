@@ -171,6 +171,35 @@ def test_empty_labels(xp):
     np.testing.assert_allclose(loss, -np.sum(log_blank * (1 - problem.logit_paddings), axis=1), **TOLERANCE["float64"])
 
 
+def test_minus_infinite_logits_are_a_zero_probability_not_nan(xp):
+    """-inf logits at unpadded frames, where each such frame keeps a finite logit: the loss, the
+    alphas and the gradient are those of logits far below the others (-1e6 here, in the
+    reference), with no NaN. Sequence 0 has -inf at a class its labels do not use, sequence 1
+    at a label's class on some frames, sequence 2 at a label's class on every frame (no
+    alignment: the loss of an impossible one)."""
+    problem = Problem(*(np.array(a) for a in standard_problem(14, frame_layout="anywhere", min_label_length=1)))
+    labels, label_paddings = problem.labels, problem.label_paddings
+    logits = problem.logits.copy()
+    first_label = labels[:, 0]
+    unused = next(k for k in range(1, 5) if k not in labels[0][label_paddings[0] == 0])
+    logits[0, ::2, unused] = -np.inf
+    logits[1, 1::3, first_label[1]] = -np.inf
+    logits[2, :, first_label[2]] = -np.inf
+    arrays, _ = to_backend(xp, problem._replace(logits=logits))
+    loss, blank, nonblank = (xp.to_numpy(r) for r in ctc_multi.ctc_loss_with_forward_probs(*arrays))
+    _, grad = (xp.to_numpy(r) for r in ctc_multi.ctc_loss_and_grad(*arrays))
+    assert not any(np.isnan(a).any() for a in (loss, blank, nonblank, grad))
+
+    finite = problem._replace(logits=np.where(np.isinf(logits), -1e6, logits))
+    expected_loss, expected_grad = ctc_reference(*finite)
+    np.testing.assert_allclose(loss[:2], expected_loss[:2], **TOLERANCE["float64"])
+    assert_impossible(loss[2])
+    np.testing.assert_allclose(grad[:2], expected_grad[:2], **TOLERANCE["float64"])
+    expected_blank, expected_nonblank = reference_forward_probs(*finite)
+    assert_log_probs_close(blank[:, :2], expected_blank[:, :2], **TOLERANCE["float64"])
+    assert_log_probs_close(nonblank[:, :2], expected_nonblank[:, :2], **TOLERANCE["float64"])
+
+
 def test_no_label_positions(xp):
     """N = 0: labels of shape (B, 0); the blank rows have one entry, the label rows none."""
     rng = np.random.default_rng(12)
@@ -178,7 +207,10 @@ def test_no_label_positions(xp):
     (_, blank, nonblank), _ = run(xp, problem)
     assert blank.shape == (3, 2, 1)
     assert nonblank.shape == (3, 2, 0)
-    check_against_reference(xp, problem, also_ctc_loss=True)
+    loss = check_against_reference(xp, problem, also_ctc_loss=True)
+    arrays, _ = to_backend(xp, problem)
+    for reduction, expected in (("sum", loss.sum()), ("mean", loss.mean())):  # "mean": each length clamped to 1
+        np.testing.assert_allclose(xp.to_numpy(ctc_multi.ctc_loss(*arrays, reduction=reduction)), expected, **TOLERANCE["float64"])
 
 
 def test_single_frame(xp):

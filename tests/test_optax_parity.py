@@ -13,7 +13,7 @@ import functools
 import numpy as np
 import pytest
 from conftest import TOLERANCE
-from helpers import LOG_EPSILON, assert_log_probs_close, random_problem, reference_forward_probs, to_backend
+from helpers import LOG_EPSILON, Problem, assert_log_probs_close, random_problem, reference_forward_probs, to_backend
 from reference import ctc_reference
 
 import ctc_multi
@@ -132,3 +132,53 @@ def test_loss_matches_torch_ctc_loss(blank_id, dtype):
     np.testing.assert_allclose(loss.numpy(), expected.numpy(), **TOLERANCE[dtype])
     # torch agrees with the independent reference, so the three sources agree with each other.
     np.testing.assert_allclose(expected.double().numpy(), ctc_reference(logits.double().numpy(), *problem[1:], blank_id=blank_id)[0], **TOLERANCE[dtype])
+
+
+def test_labels_equal_to_blank_count_as_labels_as_in_optax_and_torch(xp, jax_x64):
+    """Unpadded labels equal to blank_id (accepted, as optax accepts them): the loss, the alphas
+    and the gradient are optax's (its gradient by autodiff), and the loss is torch's F.ctc_loss's.
+    (torch's own gradient is wrong where the last label is the blank, sequence 0 here: 0.25 from
+    central differences in one such case, so it is not compared.)"""
+    rng = np.random.default_rng(140)
+    problem = random_problem(rng, 4, 7, 5, 3, blank_id=2, frame_layout="right")
+    labels = np.array([[4, 1, 2], [2, 2, 3], [2, 0, 0], [1, 2, 1]])
+    frames = np.array([[0] * 7, [0] * 5 + [1] * 2, [0] * 7, [0] * 6 + [1]])
+    problem = problem._replace(logit_paddings=frames.astype(float), labels=labels, label_paddings=np.array([[0, 0, 0], [0, 0, 0], [0, 1, 1], [0, 0, 0.0]]))
+    expected = optax_outputs(jax_x64, problem, 2)
+    optax = pytest.importorskip("optax")
+    expected_grad = np.asarray(jax_x64.grad(lambda x: optax.ctc_loss(x, *problem[1:], blank_id=2).sum())(problem.logits))
+
+    arrays, _ = to_backend(xp, problem)
+    results = ctc_multi.ctc_loss_with_forward_probs(*arrays, blank_id=2)
+    assert_loss_matches_optax(xp.to_numpy(results[0]), expected[0])
+    for result, expected_alphas in zip(results[1:], expected[1:]):
+        assert_log_probs_close(xp.to_numpy(result), expected_alphas, **TOLERANCE["float64"])
+    loss, grad = ctc_multi.ctc_loss_and_grad(*arrays, blank_id=2)
+    np.testing.assert_allclose(xp.to_numpy(grad), expected_grad, **TOLERANCE["float64"])
+
+    torch = pytest.importorskip("torch")
+    lengths = [torch.as_tensor((paddings == 0).sum(axis=1)) for paddings in (problem.logit_paddings, problem.label_paddings)]
+    log_probs = torch.log_softmax(torch.as_tensor(problem.logits), dim=-1).transpose(0, 1)
+    torch_loss = torch.nn.functional.ctc_loss(log_probs, torch.as_tensor(labels), *lengths, blank=2, reduction="none")
+    np.testing.assert_allclose(xp.to_numpy(loss), torch_loss.numpy(), **TOLERANCE["float64"])
+
+
+def test_a_label_equal_to_blank_can_make_the_loss_negative_as_in_optax_and_torch(xp, jax_x64):
+    """K = 2, labels [0, 1] with blank 0: the lattice counts some frame sequences twice, the sum
+    passes one, and optax and torch give a negative loss. ctc_multi gives the same value, not
+    0: the clamp that keeps rounding-level negatives out must not cut it, or the loss would
+    disagree with its own gradient (optax's) and with both anchors."""
+    logits = 3 * np.random.default_rng(0).standard_normal((1, 5, 2))
+    problem = Problem(logits, np.zeros((1, 5)), np.array([[0, 1]]), np.zeros((1, 2)))
+    (expected, _, _) = optax_outputs(jax_x64, problem, 0)
+    assert expected[0] < -0.1
+    arrays, _ = to_backend(xp, problem)
+    loss, grad = (xp.to_numpy(r) for r in ctc_multi.ctc_loss_and_grad(*arrays))
+    np.testing.assert_allclose(loss, expected, **TOLERANCE["float64"])
+    optax = pytest.importorskip("optax")
+    expected_grad = np.asarray(jax_x64.grad(lambda x: optax.ctc_loss(x, *problem[1:]).sum())(logits))
+    np.testing.assert_allclose(grad, expected_grad, **TOLERANCE["float64"])
+    torch = pytest.importorskip("torch")
+    log_probs = torch.log_softmax(torch.as_tensor(logits), dim=-1).transpose(0, 1)
+    torch_loss = torch.nn.functional.ctc_loss(log_probs, torch.tensor([[0, 1]]), torch.tensor([5]), torch.tensor([2]), reduction="none")
+    np.testing.assert_allclose(loss, torch_loss.numpy(), **TOLERANCE["float64"])

@@ -63,6 +63,11 @@ class _ExplicitGradient(torch.autograd.Function):
         value, residuals = forward_with_residuals(logits, *others)
         ctx.backward_function = backward
         ctx.num_others = len(others)
+        # A view of a leaf (x.view(...), torch_ctc_loss's transpose of x) hands its gradient to
+        # the leaf as a view of what it gets, which autograd may keep as x.grad and add the
+        # next backward's into in place: a saved gradient handed back itself would change
+        # under the graph, and a third backward over it (retain_graph) raise.
+        ctx.hand_back_saved = not (logits._is_view() and logits._base.is_leaf)
         ctx.save_for_backward(anchor, *residuals)
         return value
 
@@ -70,6 +75,8 @@ class _ExplicitGradient(torch.autograd.Function):
     def backward(ctx, cotangent):
         anchor, *residuals = ctx.saved_tensors
         gradient = ctx.backward_function(tuple(residuals), cotangent)
+        if gradient is residuals[0] and not ctx.hand_back_saved:  # is_all_ones's shortcut
+            gradient = gradient.clone()
         if torch.is_grad_enabled():
             # create_graph=True: an outer derivative with respect to the logits (a gradient
             # penalty, a Hessian) would read this gradient's own derivative, which autograd
@@ -168,8 +175,10 @@ def is_all_ones(x) -> bool:
     hands back the saved gradient itself, not a scaled copy (a pass over (B, T, K) and a fresh
     array: 15 of 60 ms of forward+backward on `vocab5k`). Never read on CUDA, where reading a
     value waits for the device. A later in-place change to the returned gradient makes a
-    second backward (``retain_graph``) raise, as torch does for any saved tensor changed."""
-    if x.device.type != "cpu" or not is_concrete(x):
+    second backward (``retain_graph``) raise, as torch does for any saved tensor changed.
+    Never for a cotangent that autograd records (``create_graph=True`` with a cotangent that
+    depends on something, a weight say): the gradient must stay a function of it."""
+    if x.device.type != "cpu" or not is_concrete(x) or x.requires_grad:
         return False
     try:
         return bool(torch.all(x == 1))
