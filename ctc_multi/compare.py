@@ -26,6 +26,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .inputs import check_inputs
+from .lattice import EMISSION_FLOOR
 from .losses import DEFAULT_LOG_EPSILON, ctc_loss, ctc_loss_and_grad
 from .shapes import Problem, Shape, random_problem
 
@@ -468,20 +469,37 @@ def _check_reference(case: Case, reference) -> Row:
     """The float64 reference against an implementation that shares no code with it: torch's
     ``F.ctc_loss`` (after a log-softmax) in float64 on the CPU. A defect common to every
     ctc_multi backend would leave their rows within tolerance; this row is not, and it sets the
-    exit code. Sequences that cannot be aligned (torch's loss infinite) are left out of the
-    differences, provided the reference's loss says so too (at least ``IMPOSSIBLE_LOSS``); so are
-    the gradients of sequences with a label equal to the blank, where torch's loss is right and
-    its gradient can be wrong (where the last label is the blank: tests/test_optax_parity.py)."""
+    exit code. Left out, where the two differ by design:
+
+    - sequences that cannot be aligned (torch's loss infinite), provided the reference's loss
+      says so too (at least ``IMPOSSIBLE_LOSS``);
+    - sequences with an emission below ``EMISSION_FLOOR`` on a valid frame (a -inf logit, a
+      masked class): ctc_multi floors it, torch counts it as it is (its gradient NaN at -inf);
+    - the gradients of sequences with a label equal to the blank, where torch's loss is right
+      and its gradient can be wrong (where the last label is the blank: tests/test_optax_parity.py).
+    """
     row = Row(REFERENCE_CHECK, anchor=False, status="ok", device="cpu", dtype="float64")
     problem = case.float64()  # padded frames zeroed, as the reference reads them: a NaN there is no defect
-    problem = problem._replace(logits=np.where(problem.logit_paddings[:, :, None] != 0, 0.0, problem.logits))
+    valid = problem.logit_paddings == 0
+    logits = np.where(valid[:, :, None], problem.logits, 0.0)
+    problem = problem._replace(logits=logits)
+    if logits.shape[0] == 0:  # torch refuses an empty batch
+        row.message = "no sequences"
+        return row
+    with np.errstate(invalid="ignore", divide="ignore"):  # -inf logits
+        peak = np.max(logits, axis=-1, keepdims=True)
+        log_probs = logits - peak - np.log(np.sum(np.exp(logits - peak), axis=-1, keepdims=True))
+    floored = np.any((log_probs < EMISSION_FLOOR) & valid[:, :, None], axis=(1, 2))
     loss, grad = _results(_prepare_torch_native(Case(problem, case.blank_id, case.source), "cpu"))
     possible = np.isfinite(loss)
+    checked = possible & ~floored
     blank_labelled = np.any((problem.labels == case.blank_id) & (problem.label_paddings == 0), axis=1)
     reference_loss, reference_grad = reference
     grad[blank_labelled] = reference_grad[blank_labelled]
-    _differences(row, loss[possible], grad[possible], (reference_loss[possible], reference_grad[possible]), TOLERANCES["float64"])
-    disputed = np.flatnonzero(~possible & (reference_loss < IMPOSSIBLE_LOSS))
+    _differences(row, loss[checked], grad[checked], (reference_loss[checked], reference_grad[checked]), TOLERANCES["float64"])
+    if np.any(floored):
+        row.message = f"{int(np.sum(floored))} of {len(loss)} sequences left out: emissions below {EMISSION_FLOOR:g}"
+    disputed = np.flatnonzero(~possible & ~floored & (reference_loss < IMPOSSIBLE_LOSS))
     if disputed.size:
         row.status = "outside tolerance"
         row.message = f"torch F.ctc_loss finds no alignment for sequence {int(disputed[0])}; the reference's loss is {reference_loss[disputed[0]]:.6g}"

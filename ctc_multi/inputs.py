@@ -68,11 +68,11 @@ def in_namespace_of(xp, reference: Array, name: str, x) -> Array:
             x = np.array(as_numpy(x) if hasattr(x, "dtype") else _numpy_of_python_values(x))
         except Exception as error:
             raise ValueError(f"{name} must be an array, a list or a tuple; got {type(x).__name__}") from error
-        if x.dtype.kind == "f" and x.dtype.itemsize < 4:
-            x = x.astype(np.float32)  # exactly; namespaces without float16 (array_api_strict) refused it
         try:
             return xp.asarray(x, device=device(reference))
         except Exception as error:  # strings, objects: torch cannot hold them
+            if x.dtype.kind == "f" and x.dtype.itemsize < 4:  # a namespace without float16 (array_api_strict)
+                return xp.asarray(x.astype(np.float32), device=device(reference))  # exactly
             raise ValueError(f"{name} must hold numbers; got dtype {x.dtype}") from error
     return x if device(x) == device(reference) else xp.asarray(x, device=device(reference))
 

@@ -995,11 +995,12 @@ def loss_from_final_state(xp, lattice: Lattice, final_carry, index_dtype) -> Arr
     # A probability is at most one; a rounding-level negative value is clamped, nothing more.
     # Where an unpadded label is the blank (state 0's class), the lattice counts some frame
     # sequences twice and the sum may pass one: that loss is optax's and torch's, and the
-    # gradient's, so it stays as it is.
+    # gradient's, so it stays as it is. (Not for an impossible sequence: under jax.jit an
+    # out-of-range label, clipped into [0, K), may land on the blank's class.)
     label_classes = lattice.state_classes[:, 1::2]
     positions = xp.arange(label_classes.shape[-1], device=_device(label_classes))
     unpadded = positions < xp.astype(lattice.label_lengths, positions.dtype)[:, None]
-    blank_as_label = xp.any((label_classes == lattice.state_classes[:, :1]) & unpadded, axis=1)
+    blank_as_label = xp.any((label_classes == lattice.state_classes[:, :1]) & unpadded, axis=1) & lattice.feasible
     return xp.where(blank_as_label, loss, xp.maximum(loss, xp.zeros_like(loss)))
 
 

@@ -19,7 +19,7 @@ from conftest import installed
 
 import ctc_multi
 from ctc_multi import compare
-from ctc_multi.shapes import Shape, random_problem
+from ctc_multi.shapes import Problem, Shape, random_problem
 
 TINY = ["--batch", "2", "--frames", "20", "--classes", "5", "--labels", "4", "--repeats", "1"]
 ROW_KEYS = {
@@ -253,6 +253,24 @@ def test_reference_check_leaves_out_impossible_sequences_only_where_the_referenc
     wrong[1] = 7.0
     row = compare._check_reference(case, (wrong, reference_grad))
     assert row.status == "outside tolerance" and "no alignment for sequence 1" in row.message
+
+
+@pytest.mark.skipif(not installed("torch"), reason="the reference check runs torch's F.ctc_loss")
+def test_reference_check_leaves_out_floored_emissions_and_passes_an_empty_batch():
+    """A -inf logit on a valid frame (a masked class): ctc_multi floors the emission at -1e5,
+    torch counts it as it is and its gradient is NaN there, so that sequence is left out (and
+    said so); the others are checked. An empty batch, which torch refuses, has nothing to check."""
+    problem = random_problem(Shape("tiny", B=3, T=8, K=5, N=3), seed=4, dtype="float64")
+    logits = problem.logits.copy()
+    logits[1, 2, 4] = -np.inf
+    problem = problem._replace(logits=logits)
+    row = compare._check_reference(compare.Case(problem, blank_id=0, source="test"), ctc_multi.ctc_loss_and_grad(*problem))
+    assert row.status == "ok" and row.grad_max_abs_diff < 1e-10, row
+    assert row.message == "1 of 3 sequences left out: emissions below -100000"
+    nothing = Problem(np.zeros((0, 8, 5)), np.zeros((0, 8)), np.zeros((0, 3), np.int32), np.zeros((0, 3)))
+    empty = compare.Case(nothing, blank_id=0, source="test")
+    row = compare._check_reference(empty, ctc_multi.ctc_loss_and_grad(*empty.problem))
+    assert row.status == "ok" and row.message == "no sequences"
 
 
 def test_each_loss_is_held_to_its_own_size():

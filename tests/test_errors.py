@@ -220,3 +220,8 @@ def test_an_out_of_range_label_under_jit_is_impossible_everywhere(jax_x64, label
     np.testing.assert_array_equal(np.asarray(tokens)[1], np.asarray(ctc_multi.forced_align(*good)[0])[1])
     posteriors = np.asarray(jax.jit(ctc_multi.ctc_posteriors)(*arrays))
     assert np.all(posteriors[0] == 0) and posteriors[1].sum() > 0
+    # Clipped into [0, K), -1 lands on the blank's class 0: still impossible, not a label equal
+    # to the blank (whose loss may be negative), even where a log_epsilon near 0 makes the
+    # impossible sequence's sum pass one.
+    near_zero = jax.jit(functools.partial(ctc_multi.ctc_loss, log_epsilon=-0.1))(*arrays)
+    assert np.asarray(near_zero)[0] >= 0

@@ -24,6 +24,7 @@ from helpers import (
     poison_padded_frames,
     random_problem,
     reference_forward_probs,
+    run_in_fresh_python,
     small_problems,
     to_backend,
 )
@@ -705,3 +706,33 @@ def test_torch_three_backward_passes_through_a_view_of_the_leaf():
         for _ in range(3):
             loss.backward(retain_graph=True)
         np.testing.assert_allclose(logits.grad.numpy(), 3 * expected, **TOLERANCE["gradient_float64"], err_msg=name)
+
+
+@pytest.mark.parametrize("case", ["view", "torch_ctc_loss"])
+def test_torch_compile_of_a_view_and_of_torch_ctc_loss(case):
+    """torch.compile of a training step whose logits are a view (``x.view``; torch_ctc_loss
+    transposes its input inside): the gradient is eager mode's. Each in a fresh process, since
+    an earlier compile in the same one can hide the failure (a view's base is unknown while
+    dynamo traces; reading it failed the compile)."""
+    pytest.importorskip("torch")
+    script = f"""
+import torch, ctc_multi
+torch.manual_seed(0)
+B, T, K, N = 2, 8, 5, 3
+x0, w = torch.randn(B, T, K, dtype=torch.float64), torch.randn(K, K, dtype=torch.float64)
+paddings, labels, label_paddings = torch.zeros(B, T), torch.randint(1, K, (B, N)), torch.zeros(B, N)
+if {case!r} == "view":
+    make, step = (lambda: x0.clone().reshape(-1)), (lambda z: ctc_multi.ctc_loss(z.view(B, T, K), paddings, labels, label_paddings).sum())
+else:
+    lengths = (torch.full((B,), T), torch.full((B,), N))
+    make, step = (lambda: x0.clone().transpose(0, 1).contiguous()), (lambda z: ctc_multi.torch_ctc_loss((z @ w).log_softmax(-1), labels, *lengths))
+x = make().requires_grad_()
+torch.compile(step)(x).backward()
+compiled = x.grad.clone()
+x = make().requires_grad_()
+step(x).backward()
+print("max difference", float((compiled - x.grad).abs().max()))
+"""
+    result = run_in_fresh_python(script)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert float(result.stdout.split("max difference")[-1]) < 1e-12

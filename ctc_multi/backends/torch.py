@@ -67,7 +67,8 @@ class _ExplicitGradient(torch.autograd.Function):
         # the leaf as a view of what it gets, which autograd may keep as x.grad and add the
         # next backward's into in place: a saved gradient handed back itself would change
         # under the graph, and a third backward over it (retain_graph) raise.
-        ctx.hand_back_saved = not (logits._is_view() and logits._base.is_leaf)
+        # (Under torch.compile's tracing a view's base is not known: a copy then too.)
+        ctx.hand_back_saved = not (torch.compiler.is_compiling() or (logits._is_view() and logits._base.is_leaf))
         ctx.save_for_backward(anchor, *residuals)
         return value
 
