@@ -13,12 +13,13 @@ maximum subtracted): comparisons between states of the same frame do not depend 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from .inputs import as_numpy, check_inputs
+from .inputs import as_numpy, check_inputs, lowest_log_epsilon
 from .lattice import MaxSemiring, log_softmax_of_classes
 from .losses import DEFAULT_LOG_EPSILON, _Problem
 
@@ -73,6 +74,10 @@ def forced_align(logits: Array, logit_paddings: Array, labels: Array, label_padd
       ([[1, 1, 0]], [[0.9, 0.8, 0.7]])
     """
     inputs = check_inputs(logits, logit_paddings, labels, label_paddings, blank_id=blank_id, log_epsilon=DEFAULT_LOG_EPSILON)
+    # "log 0" as low as the dtype allows: with the loss's -1e5, a path that enters the lattice
+    # past its first state, or jumps a blank it may not, cost 1e5 and won over a valid path
+    # that costs more (a near-tight alignment of peaky logits), and came back as the alignment.
+    inputs = dataclasses.replace(inputs, log_epsilon=lowest_log_epsilon(inputs.xp, inputs.logits.dtype))
     run = inputs.backend.compiled(_forced_align, num_static=1)
     return run(_Problem.of(inputs), inputs.logits, inputs.logit_padded, inputs.labels, inputs.label_padded)
 

@@ -152,6 +152,11 @@ def _as_blank_id(blank_id, num_classes: int) -> int:
     return blank_id
 
 
+def lowest_log_epsilon(xp, dtype) -> float:
+    """The lowest ``log_epsilon`` that the compute ``dtype`` allows (:func:`_as_log_epsilon`)."""
+    return float(xp.finfo(dtype).min) / 3
+
+
 def _as_log_epsilon(log_epsilon, dtype_min: float) -> float:
     try:
         if isinstance(log_epsilon, (str, bytes, bool)):

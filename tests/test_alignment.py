@@ -358,3 +358,24 @@ def test_arrays_on_another_array_api_device():
     strict_logits = xs.asarray(problem.logits.astype(np.float32))
     loss = ctc_multi.ctc_loss(strict_logits, problem.logit_paddings.astype(np.float16), *problem[2:])
     np.testing.assert_allclose(np.asarray(loss), ctc_multi.ctc_loss(problem.logits.astype(np.float32), *problem[1:]), **TOLERANCE["float32"])
+
+
+def test_a_valid_path_costing_more_than_minus_log_epsilon_still_wins(xp):
+    """Near-tight alignments of peaky logits, whose best valid path costs more than 1e5 nats:
+    with the loss's "log 0" of -1e5, a path that enters the lattice past its first state (or
+    jumps a blank it may not) cost only 1e5 and came back as the alignment, collapsing to fewer
+    labels. Two frames with the blank certain (its only valid path "1 2" costs 1.2e5), and 200
+    frames for 200 labels with logits 300 times a standard normal."""
+    margin = 6e4
+    logits = np.array([[[0.0, -margin, -margin], [0.0, -margin, -margin]]])
+    arrays, _ = to_backend(xp, Problem(logits, np.zeros((1, 2)), np.array([[1, 2]]), np.zeros((1, 2))))
+    tokens, scores = (xp.to_numpy(r) for r in ctc_multi.forced_align(*arrays))
+    assert tokens.tolist() == [[1, 2]]
+    np.testing.assert_allclose(scores.sum(), -2 * margin, rtol=1e-12)
+
+    rng = np.random.default_rng(71)
+    labels = np.cumsum(rng.integers(1, 4, size=(1, 200)), axis=1) % 4 + 1  # neighbours differ
+    problem = Problem(300 * rng.standard_normal((1, 200, 5)), np.zeros((1, 200)), labels, np.zeros((1, 200)))
+    arrays, _ = to_backend(xp, problem)
+    tokens, _ = (xp.to_numpy(r) for r in ctc_multi.forced_align(*arrays))
+    assert list(collapse(tokens[0], 0)) == labels[0].tolist()

@@ -182,3 +182,16 @@ def test_a_label_equal_to_blank_can_make_the_loss_negative_as_in_optax_and_torch
     log_probs = torch.log_softmax(torch.as_tensor(logits), dim=-1).transpose(0, 1)
     torch_loss = torch.nn.functional.ctc_loss(log_probs, torch.tensor([[0, 1]]), torch.tensor([5]), torch.tensor([2]), reduction="none")
     np.testing.assert_allclose(loss, torch_loss.numpy(), **TOLERANCE["float64"])
+
+
+def test_a_valid_path_beyond_minus_log_epsilon_counts_with_a_lower_log_epsilon(xp, jax_x64):
+    """Two frames whose blank is certain (margin 6e4), labels [1, 2]: the only valid path costs
+    1.2e5. At the default log_epsilon (-1e5) a path entering the lattice past its first state
+    costs less, and the loss is optax's, about 1e5; at -1e7 it is the exact 1.2e5 (README, Inputs)."""
+    logits = np.array([[[0.0, -6e4, -6e4], [0.0, -6e4, -6e4]]])
+    problem = Problem(logits, np.zeros((1, 2)), np.array([[1, 2]]), np.zeros((1, 2)))
+    (expected, _, _) = optax_outputs(jax_x64, problem, 0)
+    arrays, _ = to_backend(xp, problem)
+    np.testing.assert_allclose(xp.to_numpy(ctc_multi.ctc_loss(*arrays)), expected, **TOLERANCE["float64"])
+    assert expected[0] < 1e5
+    np.testing.assert_allclose(xp.to_numpy(ctc_multi.ctc_loss(*arrays, log_epsilon=-1e7)), [1.2e5], **TOLERANCE["float64"])
