@@ -262,9 +262,7 @@ def measure_shape(shape: Shape, contenders, *, device: str, repeats: int, budget
         try:
             prepared = contender.prepare(case, device)
             row.device = prepared.device
-            loss = prepared.to_numpy(prepared.forward())
-            _, grad = prepared.forward_backward()
-            results[contender.name] = loss, prepared.restore_grad(prepared.to_numpy(grad))
+            results[contender.name] = compare.loss_and_gradient(prepared)
             if contender.key in ("torch", "cudnn") and contender.anchor:
                 row.kernels = torch_ctc_kernels(prepared.forward)
             functions[row.contender, "fwd"] = prepared.forward

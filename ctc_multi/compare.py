@@ -26,7 +26,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .inputs import check_inputs
-from .lattice import EMISSION_FLOOR
+from .lattice import EMISSION_FLOOR, log_softmax
 from .losses import DEFAULT_LOG_EPSILON, ctc_loss, ctc_loss_and_grad
 from .shapes import Problem, Shape, random_problem
 
@@ -424,7 +424,7 @@ def steps_per_contender(repeats: int) -> int:
     return 3 + 2 * repeats
 
 
-def _results(prepared: Prepared) -> tuple[np.ndarray, np.ndarray]:
+def loss_and_gradient(prepared: Prepared) -> tuple[np.ndarray, np.ndarray]:
     """The (B,) losses and the (B, T, K) gradient of one (warm-up) call each, as NumPy arrays."""
     loss = prepared.to_numpy(prepared.forward())
     _, grad = prepared.forward_backward()
@@ -452,7 +452,7 @@ def _measure(contender: Contender, case: Case, reference, device: str, repeats: 
     prepared = contender.prepare(case, device)
     advance()
     row.device = prepared.device
-    loss, grad = _results(prepared)
+    loss, grad = loss_and_gradient(prepared)
     advance()
     advance()
     row.dtype = str(grad.dtype)
@@ -487,10 +487,9 @@ def _check_reference(case: Case, reference) -> Row:
         row.message = "no sequences"
         return row
     with np.errstate(invalid="ignore", divide="ignore"):  # -inf logits
-        peak = np.max(logits, axis=-1, keepdims=True)
-        log_probs = logits - peak - np.log(np.sum(np.exp(logits - peak), axis=-1, keepdims=True))
+        log_probs = log_softmax(np, logits)
     floored = np.any((log_probs < EMISSION_FLOOR) & valid[:, :, None], axis=(1, 2))
-    loss, grad = _results(_prepare_torch_native(Case(problem, case.blank_id, case.source), "cpu"))
+    loss, grad = loss_and_gradient(_prepare_torch_native(Case(problem, case.blank_id, case.source), "cpu"))
     possible = np.isfinite(loss)
     checked = possible & ~floored
     blank_labelled = np.any((problem.labels == case.blank_id) & (problem.label_paddings == 0), axis=1)

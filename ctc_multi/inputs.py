@@ -153,11 +153,12 @@ def _as_blank_id(blank_id, num_classes: int) -> int:
 
 
 def lowest_log_epsilon(xp, dtype) -> float:
-    """The lowest ``log_epsilon`` that the compute ``dtype`` allows (:func:`_as_log_epsilon`)."""
+    """The lowest ``log_epsilon`` that the compute ``dtype`` allows: a third of its lowest value,
+    since the recursion adds a few log_epsilons together (a forbidden jump from an empty state)."""
     return float(xp.finfo(dtype).min) / 3
 
 
-def _as_log_epsilon(log_epsilon, dtype_min: float) -> float:
+def _as_log_epsilon(log_epsilon, lowest: float) -> float:
     try:
         if isinstance(log_epsilon, (str, bytes, bool)):
             raise TypeError  # float("-7") would read a string
@@ -166,9 +167,8 @@ def _as_log_epsilon(log_epsilon, dtype_min: float) -> float:
         raise ValueError(f"log_epsilon must be a Python number; got {log_epsilon!r}") from error
     if not (math.isfinite(value) and value < 0):
         raise ValueError(f"log_epsilon must be finite and negative (it stands for log 0); got {value}")
-    if value < dtype_min / 3:
-        # The recursion adds a few log_epsilons together (a forbidden jump from an empty state).
-        raise ValueError(f"log_epsilon must be at least a third of the compute dtype's lowest value, {dtype_min / 3:.7g}, so that sums of it stay finite; got {value}")
+    if value < lowest:
+        raise ValueError(f"log_epsilon must be at least a third of the compute dtype's lowest value, {lowest:.7g}, so that sums of it stay finite; got {value}")
     return value
 
 
@@ -193,7 +193,7 @@ def check_inputs(logits, logit_paddings, labels, label_paddings, *, blank_id, lo
         raise ValueError(f"logits must have at least one frame (T >= 1); got shape {tuple(logits.shape)}")
     blank_id = _as_blank_id(blank_id, num_classes)
     dtype = compute_dtype(xp, logits.dtype)
-    log_epsilon = _as_log_epsilon(log_epsilon, float(xp.finfo(dtype).min))
+    log_epsilon = _as_log_epsilon(log_epsilon, lowest_log_epsilon(xp, dtype))
     if not xp.isdtype(labels.dtype, "integral"):
         raise ValueError(f"labels must be an integer array; got dtype {labels.dtype}")
     labels = unsigned_in_index_dtype(xp, labels)  # a label past int64's largest: refused as outside [0, K)
