@@ -10,15 +10,15 @@
 # ($WORK); $OUT gets three files, since the device tool brings back at most 8: summary.txt,
 # bench_cuda.txt and gpu_check.tgz (all of them), packed on exit whatever happened.
 # Steps run in order of value, each under its own timeout taken from one overall budget
-# (BUDGET_S, default 500 s; a lent machine has 15 minutes in all, its start included), so a slow
+# (BUDGET_S, default 560 s; a lent machine has 15 minutes in all, its start included), so a slow
 # or hung step costs only its share and whatever finished still comes back:
 #   1. environment (nvidia-smi, versions, devices)
 #   2. the GPU-specific tests (tests/test_cuda.py: torch CUDA and jax GPU against the reference)
 #   3. the benchmark on every named shape, big included, anchors (optax, torch native, cuDNN) in the same run
 #   4. the torch backend replayed from a CUDA graph against eager calls (benchmarks/gpu_torch_graph.py)
 #   5. peak memory of jax fwd+bwd on `long`, ctc_multi vs optax, each in a fresh process
-#   6. what run.py's round adds to small's jax fwd+bwd, ours and optax's (benchmarks/latency.py)
-#   7. the whole test suite (JAX tests run on the GPU there: jax puts new arrays on it by default)
+#   6. the whole test suite (JAX tests run on the GPU there: jax puts new arrays on it by default)
+#   7. what run.py's round adds to small's jax fwd+bwd, ours and optax's (benchmarks/latency.py)
 #   8. the kernels of jax fwd+bwd on bpe (benchmarks/kernels.py)
 #   9. jax fwd+bwd against optax for several loop unrolls (benchmarks/gpu_unroll.py)
 #  10. jax fwd+bwd with the occupancies of the shares instead of its GPU default, the mirror image
@@ -29,6 +29,10 @@
 # On the next H100 (benchmarks/gpu_runs/2026-11-27-h100-db48c31/) steps 2 to 8 took 14, 159, 15,
 # 20, 36, 155 and 5 s; the shares' step was cut at the 65 s left of BUDGET_S=480 after char and
 # long, and the unroll sweep was skipped (about 30 s went on the start).
+# On an H200 (benchmarks/gpu_runs/2026-11-28-h200-724deaa/, the suite then the 6th step) steps 2
+# to 5 took 21, 178, 17 and 26 s; the latency step was cut at 40 s and the suite, 1349 tests by
+# then, at 200 s (96 %; alone it took 272 s with -n 12), so the suite now goes before the latency
+# step with a longer limit, and the default budget is 560 s (about 35 s went on the start).
 #
 # ctc_multi runs from this checkout (PYTHONPATH), nothing is installed. Pure-Python test
 # dependencies missing on the machine (array-api-compat is required, array-api-strict is for the
@@ -52,7 +56,7 @@ trap pack EXIT
 
 DRY_RUN=0
 [ "${1:-}" = "--dry-run" ] && DRY_RUN=1
-BUDGET_S=${BUDGET_S:-500}
+BUDGET_S=${BUDGET_S:-560}
 VENDOR=${VENDOR:-benchmarks/results/vendor}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false  # jax takes GPU memory as it needs it: the peaks mean something
@@ -126,10 +130,10 @@ step benchmark 220 bench_cuda.txt "$PYTHON" benchmarks/run.py --device "$DEVICE"
   --json "$WORK/bench_cuda.json" --plot "$WORK/bench_cuda.png"
 step torch-graph 60 torch_graph_cuda.txt "$PYTHON" benchmarks/gpu_torch_graph.py --shapes "$UNROLL_SHAPES"
 step memory 50 memory_cuda.txt "$PYTHON" benchmarks/run.py --memory --device "$DEVICE" --shapes "$MEMORY_SHAPE" --json "$WORK/memory_cuda.json"
-step latency 40 latency_cuda.txt "$PYTHON" benchmarks/latency.py --device "$DEVICE" --shape small
 XDIST=""; "$PYTHON" -c "import xdist" 2>/dev/null && XDIST="-n 8"
 # shellcheck disable=SC2086  # XDIST and SUITE are lists
-step all-tests 200 tests_all.txt "$PYTHON" -m pytest -q -x -p no:cacheprovider $XDIST $SUITE
+step all-tests 250 tests_all.txt "$PYTHON" -m pytest -q -x -p no:cacheprovider $XDIST $SUITE
+step latency 50 latency_cuda.txt "$PYTHON" benchmarks/latency.py --device "$DEVICE" --shape small
 # Where the GPU default's fwd+bwd spends its time, kernel by kernel, on the shape it is slowest on.
 step kernels 45 kernels_cuda.txt "$PYTHON" benchmarks/kernels.py --device "$DEVICE" --shape "$KERNELS_SHAPE" --direction fwd+bwd --calls 3 --top 25
 step unroll 90 unroll_cuda.txt "$PYTHON" benchmarks/gpu_unroll.py --shapes "$UNROLL_SHAPES"
