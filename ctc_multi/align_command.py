@@ -46,8 +46,7 @@ def add_align_parser(subparsers) -> None:
 
 def run_align(args) -> int:
     """Run ``ctc-multi align`` on parsed arguments; returns the exit code."""
-    if args.plot:
-        check_plotting(args.plot)
+    plot_file = check_plotting(args.plot) if args.plot else None
     case = load_case(args.input, dtype=None)
     batch = case.problem.logits.shape[0]
     if not 0 <= args.index < batch:
@@ -61,15 +60,15 @@ def run_align(args) -> int:
     labels = [int(label) for label, padded in zip(problem[2][0], problem[3][0]) if padded == 0]
     print(f"{args.input}, sequence {args.index}: {int(valid.sum())} valid frames of {valid.size}, {len(labels)} labels, blank {case.blank_id}")
     if np.any(scores == -np.inf) or (labels and not valid.any()):
-        print("no path can align these labels: too few valid frames for them and the blanks between repeats")
+        print("no path can align these labels: too few valid frames for them and the blanks between repeats, or a class of probability 0 (a -inf logit) on every path")
     else:
         print(f"best path log-probability {float(scores.sum()):.6g}")
         print(f"{'label':>7} {'start':>7} {'end':>7} {'mean log-prob':>14}")
         for span in spans:
             print(f"{span.label:>7} {span.start:>7} {span.end:>7} {span.score:>14.6g}")
-    if args.plot:
-        plot_alignment(problem[0][0], valid, labels, tokens, spans, blank_id=case.blank_id, path=args.plot, title=f"{os.path.basename(args.input)}, sequence {args.index}")
-        print(f"wrote {args.plot}")
+    if plot_file:
+        plot_alignment(problem[0][0], valid, labels, tokens, spans, blank_id=case.blank_id, path=plot_file, title=f"{os.path.basename(args.input)}, sequence {args.index}")
+        print(f"wrote {plot_file}")
     return 0
 
 
@@ -88,7 +87,8 @@ def plot_alignment(logits, valid, labels: list[int], tokens, spans: list[TokenSp
 
     classes = [blank_id] + list(dict.fromkeys(label for label in labels if label != blank_id))
     row_of = {cls: row for row, cls in enumerate(classes)}
-    log_probs = log_softmax(np, np.asarray(logits, dtype=np.float64))[:, classes].T  # (rows, T)
+    logits = np.where(valid[:, None], np.asarray(logits, dtype=np.float64), 0.0)  # padded frames may hold NaN or inf
+    log_probs = log_softmax(np, logits)[:, classes].T  # (rows, T)
     log_probs[:, ~valid] = np.nan  # padded frames stay blank
     frames = log_probs.shape[1]
     shown = log_probs[np.isfinite(log_probs)]

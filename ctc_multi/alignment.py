@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from .inputs import as_numpy, check_inputs, lowest_log_epsilon
+from .inputs import as_blank_id, as_numpy, check_inputs
 from .lattice import MaxSemiring, log_softmax_of_classes
 from .losses import DEFAULT_LOG_EPSILON, _Problem
 
@@ -54,7 +54,8 @@ def forced_align(logits: Array, logit_paddings: Array, labels: Array, label_padd
       at that frame, float32 for float32/float16/bfloat16 logits, float64 for float64 logits.
       The sum of a sequence's scores is the log-probability of its best path. Padded frames get
       token -1 and score 0. A sequence that no path can align (fewer valid frames than labels
-      plus the blanks needed between repeated labels) gets token -1 on every frame and score
+      plus the blanks needed between repeated labels, or every path through a frame where its
+      class has probability 0, a ``-inf`` logit) gets token -1 on every frame and score
       ``-inf`` on its valid frames. The results are not differentiable (gradients are stopped).
 
     Ties between equally likely best paths are broken deterministically: the path returned is
@@ -74,12 +75,26 @@ def forced_align(logits: Array, logit_paddings: Array, labels: Array, label_padd
       ([[1, 1, 0]], [[0.9, 0.8, 0.7]])
     """
     inputs = check_inputs(logits, logit_paddings, labels, label_paddings, blank_id=blank_id, log_epsilon=DEFAULT_LOG_EPSILON)
-    # "log 0" as low as the dtype allows: with the loss's -1e5, a path that enters the lattice
-    # past its first state, or jumps a blank it may not, cost 1e5 and won over a valid path
-    # that costs more (a near-tight alignment of peaky logits), and came back as the alignment.
-    inputs = dataclasses.replace(inputs, log_epsilon=lowest_log_epsilon(inputs.xp, inputs.logits.dtype))
+    inputs = dataclasses.replace(inputs, log_epsilon=viterbi_log_epsilon(inputs.xp, inputs.logits.dtype, inputs.logits.shape[1]))
     run = inputs.backend.compiled(_forced_align, num_static=1)
     return run(_Problem.of(inputs), inputs.logits, inputs.logit_padded, inputs.labels, inputs.label_padded)
+
+
+def viterbi_log_epsilon(xp, dtype, num_frames: int) -> float:
+    """``forced_align``'s "log 0": as low as the compute ``dtype`` allows while every sum the
+    recursion makes stays finite.
+
+    Not the loss's -1e5: with it, a path that enters the lattice past its first state, or jumps
+    a blank it may not, cost 1e5 and won over a valid path that costs more (a near-tight
+    alignment of peaky logits), and came back as the alignment. Not a fixed fraction of the
+    dtype's lowest value either: a state that emits with probability 0 (a -inf logit, floored
+    to this) frame after frame adds this once per frame, and a third of the lowest value
+    overflowed to -inf after three frames (NaN in the offsets). A state's value is at least
+    ``(T + 1)`` times this (it may stay put, and each frame's emission is floored to this),
+    and a step adds at most two more (a forbidden jump, an emission) beside the edge states'
+    half of the lowest value: so a ``2 (T + 4)``-th of the lowest value keeps all of them finite.
+    """
+    return float(xp.finfo(dtype).min) / (2 * (num_frames + 4))
 
 
 def _forced_align(problem: _Problem, logits, *others):
@@ -91,12 +106,19 @@ def _forced_align_here(problem: _Problem, *arrays):
     lattice = problem.lattice(*arrays)
     final, (_, choices) = problem.recursion(lattice, semiring=MaxSemiring)
 
-    log_state = final[0]  # (B, S); renormalised, which leaves the comparison below unchanged
+    log_state, offset_hi, offset_lo = final  # (B, S) renormalised, which leaves the comparison below unchanged
     final_blank = 2 * xp.astype(lattice.label_lengths, problem.index_dtype)
     last_label = xp.maximum(final_blank - 1, xp.zeros_like(final_blank))
     on_blank = _pick(xp, log_state, final_blank)
     on_label = _pick(xp, log_state, last_label)
     end_state = xp.where(on_blank >= on_label, final_blank, last_label)
+    # A best path that costs at least a "log 0" (viterbi_log_epsilon) went through a forbidden
+    # move or an emission of probability 0 (a -inf logit, floored to log 0): every path that
+    # reads the labels has probability 0, and the best one is no alignment. A valid path of
+    # positive probability costs a sum of finite log-probabilities, far less. (NaN logits
+    # compare False: their NaN stays.)
+    best = (xp.maximum(on_blank, on_label) + offset_lo) + offset_hi
+    aligned = lattice.feasible & ~(best <= problem.log_epsilon)
 
     _, states = scan(_backtrace_step(xp), end_state, (choices, lattice.frame_padded), reverse=True)
     states = xp.permute_dims(states, (1, 0))  # (B, T)
@@ -104,7 +126,7 @@ def _forced_align_here(problem: _Problem, *arrays):
     scores = log_softmax_of_classes(xp, lattice, classes)
 
     padded = lattice.logit_padded
-    infeasible = ~lattice.feasible[:, None]
+    infeasible = ~aligned[:, None]
     tokens = xp.astype(classes, xp.int32)
     tokens = xp.where(padded | infeasible, xp.full_like(tokens, -1), tokens)
     scores = xp.where(infeasible, xp.full_like(scores, -math.inf), scores)
@@ -156,6 +178,7 @@ def merge_tokens(tokens: Array, scores: Array, *, blank_id: int = 0) -> list[lis
       >>> ctc_multi.merge_tokens(np.array([[0, 3, 3, 0, 5, -1]]), np.array([[-0.1, -0.25, -0.75, 0.0, -1.0, 0.0]]))
       [[TokenSpan(label=3, start=1, end=3, score=-0.5), TokenSpan(label=5, start=4, end=5, score=-1.0)]]
     """
+    blank_id = as_blank_id(blank_id, None)  # K is not known here
     tokens, scores = as_numpy(tokens), as_numpy(scores)
     if tokens.ndim != 2 or scores.shape != tokens.shape:
         raise ValueError(f"tokens and scores must be (B, T)-arrays of the same shape; got {tokens.shape} and {scores.shape}")

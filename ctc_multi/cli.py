@@ -114,8 +114,7 @@ def run_compare(args) -> int:
         raise compare.UsageError("--input takes its sizes from the file: leave out --shape and --batch/--frames/--classes/--labels")
     contenders = compare.select(args.backends, anchors=not args.no_anchors)
     compare.check_device(contenders, args.device)
-    if args.plot:
-        compare.check_plotting(args.plot)
+    plot_file = compare.check_plotting(args.plot) if args.plot else None
     if args.json:
         compare.check_directory("--json", args.json)
     if args.input:
@@ -128,11 +127,13 @@ def run_compare(args) -> int:
     compare.print_table(report)
     if args.json:
         compare.write_json(report, args.json)
-    if args.plot:
-        compare.plot(report, args.plot)
+    if plot_file:
+        compare.plot(report, plot_file)
     failing = [row.backend for row in report.rows if row.fails]
     if failing:
         print(f"ctc-multi compare: outside tolerance or failed: {', '.join(failing)}", file=sys.stderr)
+    if report.checked_nothing:
+        print("ctc-multi compare: no ctc_multi backend ran, so nothing was checked (see the status column)", file=sys.stderr)
     return report.exit_code
 
 

@@ -111,6 +111,8 @@ def load_case(path: str, *, dtype: str | None) -> Case:
     shape, dtype or value.
     """
     try:
+        if os.path.isdir(path):
+            raise UsageError(f"{path}: is a directory, not an .npz file")
         if not os.path.isfile(path):
             raise UsageError(f"{path}: no such file")
         if not zipfile.is_zipfile(path):  # np.load would try .npy, then pickle
@@ -388,8 +390,13 @@ class Report:
         return TOLERANCES[self.case.dtype]
 
     @property
+    def checked_nothing(self) -> bool:
+        """Whether no ctc_multi backend ran (each one selected not installed, say): nothing was checked."""
+        return not any(not row.anchor and row.backend != REFERENCE_CHECK and row.status in ("ok", "outside tolerance") for row in self.rows)
+
+    @property
     def exit_code(self) -> int:
-        return 1 if any(row.fails for row in self.rows) else 0
+        return 1 if self.checked_nothing or any(row.fails for row in self.rows) else 0
 
     def to_json(self) -> dict:
         return dict(
@@ -617,9 +624,13 @@ def table(report: Report):
         caption=(
             f"Differences: max |x - reference|, reference = {REFERENCE}. "
             f"Tolerance ({case['dtype']}): loss {tolerance.loss:g} × max(1, |loss|), gradient {tolerance.grad:g}. "
-            "Anchors (italic) are shown for comparison and do not set the exit code; the reference check "
-            "(torch F.ctc_loss in float64 against the reference) does. "
-            "speed-up: the fastest anchor's forward+backward time ÷ the row's (above 1: faster)."
+            "Anchors (italic) are shown for comparison and do not set the exit code"
+            + (
+                "; the reference check (torch F.ctc_loss in float64 against the reference) does. "
+                if any(row.backend == REFERENCE_CHECK for row in report.rows)
+                else " (no reference check: it needs torch). "
+            )
+            + "speed-up: the fastest anchor's forward+backward time ÷ the row's (above 1: faster)."
         ),
         caption_justify="left",
     )
@@ -675,21 +686,27 @@ def check_directory(option: str, path: str) -> None:
         raise UsageError(f"{option} {path}: no such directory {directory}")
 
 
-def check_plotting(path: str | None = None) -> None:
+def check_plotting(path: str | None = None) -> str | None:
     """Fail before the run, not after it, when --plot cannot work: no matplotlib, or (for a
-    ``path``) no such directory, or a file type matplotlib does not write."""
+    ``path``) no such directory, a directory in its place, or a file type matplotlib does not
+    write. Returns the file to write: ``path``, with ``.png`` added where it has no extension
+    (as matplotlib would add it, so that what the command reports is the file written)."""
     if importlib.util.find_spec("matplotlib") is None:
         raise UsageError("--plot needs matplotlib: pip install 'ctc-multi[cli]'")
     if path is None:
-        return
+        return None
+    if os.path.isdir(path):
+        raise UsageError(f"--plot {path}: is a directory; give a file name such as {os.path.join(path, 'plot.png')}")
     check_directory("--plot", path)
     extension = os.path.splitext(path)[1].lstrip(".").lower()
-    if extension:  # none: matplotlib writes its default format
-        from matplotlib.backend_bases import FigureCanvasBase
+    if not extension:
+        return path + ".png"
+    from matplotlib.backend_bases import FigureCanvasBase
 
-        supported = FigureCanvasBase.get_supported_filetypes()
-        if extension not in supported:
-            raise UsageError(f"--plot {path}: matplotlib writes {', '.join(sorted(supported))}, not .{extension}")
+    supported = FigureCanvasBase.get_supported_filetypes()
+    if extension not in supported:
+        raise UsageError(f"--plot {path}: matplotlib writes {', '.join(sorted(supported))}, not .{extension}")
+    return path
 
 
 def save_plot(figure, path: str, *, dpi: int) -> None:

@@ -17,7 +17,7 @@ from array_api_compat import device
 
 from .backends import backend_for, index_dtype
 from .inputs import _as_padding_mask, in_namespace_of, namespace_of, unsigned_in_index_dtype
-from .losses import ctc_loss
+from .losses import DEFAULT_LOG_EPSILON, ctc_loss
 
 Array = Any
 
@@ -176,6 +176,8 @@ def torch_ctc_loss(
     blank: int = 0,
     reduction: str = "mean",
     zero_infinity: bool = False,
+    *,
+    log_epsilon: float = DEFAULT_LOG_EPSILON,
 ) -> Array:
     """``torch.nn.functional.ctc_loss``'s conventions, computed by ctc_multi's recursion.
 
@@ -185,7 +187,7 @@ def torch_ctc_loss(
     ctc_multi applies to its logits leaves log probabilities unchanged, so the gradient with
     respect to ``log_probs`` is torch's: ``exp(log_probs) - occupancy``.
 
-    Two differences:
+    Three differences:
 
     - A sequence that cannot be aligned (``input_length`` shorter than its target plus the
       blanks between repeated labels) gets a large finite loss (about 1e5, ctc_multi's
@@ -195,6 +197,11 @@ def torch_ctc_loss(
       one: scores with a log prior subtracted, say) are normalised first, so the loss is that of
       their log-softmax; torch sums such scores as given. Pass ``log_probs.log_softmax(-1)``
       to torch for the same number, or normalise the scores yourself before either.
+    - ``log_epsilon``, ctc_multi's finite stand-in for log 0 (keyword only; torch has none):
+      where every valid path costs more than ``-log_epsilon`` nats (near-tight alignments of
+      peaky log-probabilities), the loss follows a path that only the stand-in allows, about
+      ``-log_epsilon`` (99999.3 where torch gives 120000 in a tested case). Pass a lower one
+      (``log_epsilon=-1e7``) for torch's number there.
 
     Args:
       log_probs: (T, B, C)-array of log probabilities (T frames, B sequences, C classes), or
@@ -210,6 +217,7 @@ def torch_ctc_loss(
         averaged over the batch; "sum"; or "none": the (B,) losses (a 0-d array when
         unbatched).
       zero_infinity: when True, sequences that cannot be aligned get loss 0 and gradient 0.
+      log_epsilon: as in :func:`ctc_multi.ctc_loss`; default -1e5.
 
     Returns:
       The loss in the dtype of ``log_probs`` (float32 for 16-bit floats): a 0-d array, or
@@ -270,5 +278,6 @@ def torch_ctc_loss(
         blank_id=blank,
         reduction=reduction,
         zero_infinity=zero_infinity,
+        log_epsilon=log_epsilon,
     )
     return xp.reshape(loss, ()) if unbatched and reduction == "none" else loss

@@ -69,12 +69,36 @@ def in_namespace_of(xp, reference: Array, name: str, x) -> Array:
         except Exception as error:
             raise ValueError(f"{name} must be an array, a list or a tuple; got {type(x).__name__}") from error
         try:
-            return xp.asarray(x, device=device(reference))
+            return xp.asarray(_within_integers_of(xp, x), device=device(reference))
         except Exception as error:  # strings, objects: torch cannot hold them
             if x.dtype.kind == "f" and x.dtype.itemsize < 4:  # a namespace without float16 (array_api_strict)
                 return xp.asarray(x.astype(np.float32), device=device(reference))  # exactly
+            if x.dtype.kind in "biuf":
+                try:  # JAX logits sharded over a mesh with explicit axes, which asarray cannot place
+                    return xp.asarray(_within_integers_of(xp, x))  # on no device in particular: JAX moves it to the logits
+                except Exception:
+                    pass
             raise ValueError(f"{name} must hold numbers; got dtype {x.dtype}") from error
-    return x if device(x) == device(reference) else xp.asarray(x, device=device(reference))
+    if device(x) == device(reference):
+        return x
+    try:
+        return xp.asarray(x, device=device(reference))
+    except Exception:  # JAX: an array committed to another device (or devices) than the logits
+        return in_namespace_of(xp, reference, name, as_numpy(x))
+
+
+def _within_integers_of(xp, x):
+    """A NumPy integer array whose values ``xp`` would wrap (int64 into JAX's int32 without
+    ``jax_enable_x64``: 2**32 + 1 read as 1) clipped to the integers it holds: every such value
+    lies outside every range the callers accept (labels, lengths, 0/1 paddings), and stays so."""
+    import numpy as np
+
+    if x.dtype.kind not in "iu" or not x.size:
+        return x
+    held = xp.iinfo(xp.asarray(x.reshape(-1)[:0]).dtype)  # the dtype xp makes of x's
+    if x.min() < held.min or x.max() > held.max:
+        return np.clip(x, held.min, held.max).astype(np.int64 if x.dtype.kind == "u" else x.dtype)
+    return x
 
 
 def as_numpy(x):
@@ -138,7 +162,8 @@ def _as_padding_mask(xp, name: str, paddings: Array, concrete: bool) -> Array:
     return paddings != 0
 
 
-def _as_blank_id(blank_id, num_classes: int) -> int:
+def as_blank_id(blank_id, num_classes: int | None) -> int:
+    """``blank_id`` as a Python int, in [0, K), or at least 0 where K is not known."""
     try:
         if isinstance(blank_id, bool):
             raise TypeError
@@ -147,7 +172,9 @@ def _as_blank_id(blank_id, num_classes: int) -> int:
         blank_id = operator.index(blank_id)
     except TypeError as error:
         raise ValueError(f"blank_id must be an integer (a static one under jax.jit); got {blank_id!r}") from error
-    if not 0 <= blank_id < num_classes:
+    if num_classes is None and blank_id < 0:
+        raise ValueError(f"blank_id must be a class id, at least 0; got {blank_id}")
+    if num_classes is not None and not 0 <= blank_id < num_classes:
         raise ValueError(f"blank_id must be in [0, K) = [0, {num_classes}); got {blank_id}")
     return blank_id
 
@@ -164,7 +191,7 @@ def _as_log_epsilon(log_epsilon, lowest: float) -> float:
             raise TypeError  # float("-7") would read a string
         value = float(log_epsilon)
     except Exception as error:  # a tracer, a string, an array of several values ...
-        raise ValueError(f"log_epsilon must be a Python number; got {log_epsilon!r}") from error
+        raise ValueError(f"log_epsilon must be a Python number (a static one under jax.jit); got {log_epsilon!r}") from error
     if not (math.isfinite(value) and value < 0):
         raise ValueError(f"log_epsilon must be finite and negative (it stands for log 0); got {value}")
     if value < lowest:
@@ -191,7 +218,7 @@ def check_inputs(logits, logit_paddings, labels, label_paddings, *, blank_id, lo
         raise ValueError(f"logits must have at least one class (K >= 1); got shape {tuple(logits.shape)}")
     if frames < 1:
         raise ValueError(f"logits must have at least one frame (T >= 1); got shape {tuple(logits.shape)}")
-    blank_id = _as_blank_id(blank_id, num_classes)
+    blank_id = as_blank_id(blank_id, num_classes)
     dtype = compute_dtype(xp, logits.dtype)
     log_epsilon = _as_log_epsilon(log_epsilon, lowest_log_epsilon(xp, dtype))
     if not xp.isdtype(labels.dtype, "integral"):

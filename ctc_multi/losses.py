@@ -6,6 +6,7 @@ in :mod:`ctc_multi.backends`. Nothing here depends on which framework the arrays
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from functools import partial
 from types import ModuleType
@@ -85,6 +86,7 @@ class _Problem:
             gather_states=self.backend.gather_states,
             normalise_before_gather=self.backend.NORMALISE_BEFORE_GATHER,
             log_softmax_of_frames=self.backend.log_softmax_of_frames,
+            log_softmax_parts_of_frames=self.backend.log_softmax_parts_of_frames,
             differentiable=differentiable,
             gather_in_scan=self.backend.gather_in_scan(logits.shape[0] * logits.shape[1] * (2 * labels.shape[1] + 1)),
         )
@@ -157,7 +159,8 @@ class _Problem:
         xp = self.xp
         if weights is None:  # "sum"
             return xp.reshape(xp.sum(loss, keepdims=True), ())  # keepdims: NumPy would give a scalar
-        # "mean": a mean of no losses is NaN (0 / 0), as xp.mean gives it
+        if weights.shape[0] == 0:  # a mean of no losses is NaN, as xp.mean gives it (not 0 / 0: NumPy warns)
+            return xp.reshape(xp.sum(loss, keepdims=True) * math.nan, ())
         return xp.reshape(xp.sum(loss * xp.astype(weights, loss.dtype), keepdims=True) / weights.shape[0], ())
 
     def backward(self, residuals, loss_cotangent):
@@ -189,10 +192,16 @@ def _loss(problem: _Problem, reduction: str, *arrays):
     return differentiable(*arrays)
 
 
+LOSS_AND_GRAD_NOT_DIFFERENTIABLE = (
+    "ctc_multi.ctc_loss_and_grad's loss and gradient cannot be differentiated: differentiate "
+    "ctc_multi.ctc_loss instead (jax.grad, jax.value_and_grad; its second derivatives too)"
+)
+
+
 def _loss_and_grad(problem: _Problem, logits, *others):
     arrays = (problem.backend.detach(logits),) + others
     loss, (gradient,) = problem.where_the_loop_runs_fastest(_Problem.forward_with_residuals, *arrays)
-    return loss, gradient
+    return problem.backend.refuse_derivatives(logits, (loss, gradient), LOSS_AND_GRAD_NOT_DIFFERENTIABLE)
 
 
 def _loss_with_forward_probs(problem: _Problem, *arrays):
@@ -206,11 +215,18 @@ def _loss_and_forward_probs_here(problem: _Problem, *arrays):
 
 
 def _as_flag(name: str, value) -> bool:
-    """A Python or NumPy bool; anything else (a string "False", a number) is refused, not read as truthy."""
+    """A Python bool, or a 0-d bool array with a value (NumPy's, JAX's, torch's); anything else
+    (a string "False", a number) is refused, not read as truthy, and a traced one (under
+    jax.jit) is refused as such: the flag decides the program, so it must be static."""
     import numpy as np
 
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
+    if getattr(value, "shape", None) == () and "bool" in str(getattr(value, "dtype", "")):
+        try:
+            return bool(value)
+        except Exception as error:  # a tracer: no value yet
+            raise ValueError(f"{name} must be a static True or False (under jax.jit: a static argument); got {value!r}") from error
     raise ValueError(f"{name} must be True or False; got {value!r}")
 
 
@@ -331,6 +347,8 @@ def ctc_loss_and_grad(
     The gradient comes from the explicit alpha-beta recursion, so NumPy and any other
     array-API namespace without autodiff get it too. Padded frames get exactly zero; each
     valid frame's gradient sums to zero over the classes. Arguments as in :func:`ctc_loss`.
+    Neither result can be differentiated (JAX raises a ``TypeError``, torch's results do not
+    require grad): differentiate :func:`ctc_loss` for that.
 
     Example:
       >>> import numpy as np, ctc_multi

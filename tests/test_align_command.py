@@ -86,3 +86,47 @@ def test_align_rejects_a_plot_path_it_cannot_write_before_running(input_file, tm
     with pytest.raises(UsageError, match=message):
         run_align(parse(["align", "--input", str(input_file), "--plot", str(tmp_path / where)]))
     assert capsys.readouterr().out == ""
+
+
+def test_align_writes_and_names_a_png_for_a_plot_path_without_extension(input_file, tmp_path, capsys):
+    """matplotlib adds ".png" to such a path; the command said it wrote the path as given."""
+    pytest.importorskip("matplotlib", reason="--plot needs matplotlib (the cli extra)")
+    assert run_align(parse(["align", "--input", str(input_file), "--plot", str(tmp_path / "picture")])) == 0
+    assert f"wrote {tmp_path / 'picture.png'}" in capsys.readouterr().out
+    png_size((tmp_path / "picture.png").read_bytes())
+    assert not (tmp_path / "picture").exists()
+
+
+def test_align_refuses_directories_for_its_files(input_file, tmp_path, capsys):
+    """A directory as --plot was written beside it with ".png" added, and reported as itself;
+    a directory as --input was "no such file"."""
+    pytest.importorskip("matplotlib", reason="--plot needs matplotlib (the cli extra)")
+    with pytest.raises(UsageError, match="--plot .*: is a directory"):
+        run_align(parse(["align", "--input", str(input_file), "--plot", str(tmp_path)]))
+    with pytest.raises(UsageError, match=": is a directory, not an .npz file"):
+        run_align(parse(["align", "--input", str(tmp_path)]))
+    assert capsys.readouterr().out == ""
+
+
+def test_align_plots_nan_and_inf_in_padded_frames_without_a_warning(tmp_path, capsys):
+    """Padded frames may hold NaN or inf (README); the plot's log-softmax took them and warned."""
+    pytest.importorskip("matplotlib", reason="--plot needs matplotlib (the cli extra)")
+    logits = np.zeros((1, 5, 3))
+    logits[0, 3, :] = np.nan
+    logits[0, 4, :] = np.inf  # inf - inf: NumPy's invalid-value warning
+    path = tmp_path / "nan.npz"
+    np.savez(path, logits=logits, logit_paddings=np.array([[0, 0, 0, 1, 1]]), labels=np.array([[1]]), label_paddings=np.zeros((1, 1)))
+    with np.errstate(all="raise"):
+        assert run_align(parse(["align", "--input", str(path), "--plot", str(tmp_path / "nan.png")])) == 0
+    assert "best path log-probability" in capsys.readouterr().out
+
+
+def test_align_reports_a_sequence_whose_every_path_has_probability_zero(tmp_path, capsys):
+    """A -inf logit on every path: no alignment, said as for too few frames (it printed an
+    empty span list with log-probability 0)."""
+    path = tmp_path / "masked.npz"
+    logits = np.array([[[0.0, -np.inf], [0.0, -np.inf]]])
+    np.savez(path, logits=logits, logit_paddings=np.zeros((1, 2)), labels=np.array([[1]]), label_paddings=np.zeros((1, 1)))
+    assert run_align(parse(["align", "--input", str(path)])) == 0
+    printed = capsys.readouterr().out
+    assert "no path can align" in printed and "probability 0" in printed

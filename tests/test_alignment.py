@@ -277,6 +277,15 @@ def test_merge_tokens_rejects_float_tokens():
     assert ctc_multi.merge_tokens([[]], [[]]) == [[]]  # no frames: a list reads as float, and that is fine
 
 
+@pytest.mark.parametrize("blank_id, message", [("0", "must be an integer"), (1.0, "must be an integer"), (True, "must be an integer"), (-1, "must be a class id, at least 0")])
+def test_merge_tokens_rejects_a_blank_id_that_is_not_a_class_id(blank_id, message):
+    """Unchecked, a blank_id of "0" or -1 matched no token, and the blank frames came back as
+    spans of label 0, as forced_align would refuse the same blank_id."""
+    with pytest.raises(ValueError, match=f"^blank_id {message}"):
+        ctc_multi.merge_tokens(np.array([[0, 1, -1, 1]]), np.zeros((1, 4)), blank_id=blank_id)
+    assert ctc_multi.merge_tokens(np.array([[0, 1]]), np.zeros((1, 2)), blank_id=np.int64(0)) == [[ctc_multi.TokenSpan(1, 1, 2, 0.0)]]
+
+
 def test_merge_tokens_takes_bfloat16_scores():
     """torch's and JAX's bfloat16 scores (NumPy has no bfloat16), read exactly as float32."""
     tokens, scores = np.array([[0, 3, 3, 0, 5]]), np.array([[-0.5, -0.25, -0.75, 0.0, -1.0]])
@@ -358,6 +367,32 @@ def test_arrays_on_another_array_api_device():
     strict_logits = xs.asarray(problem.logits.astype(np.float32))
     loss = ctc_multi.ctc_loss(strict_logits, problem.logit_paddings.astype(np.float16), *problem[2:])
     np.testing.assert_allclose(np.asarray(loss), ctc_multi.ctc_loss(problem.logits.astype(np.float32), *problem[1:]), **TOLERANCE["float32"])
+
+
+def test_a_sequence_whose_every_path_has_probability_zero_has_no_alignment(xp):
+    """-inf logits (masked classes) that no path reading the labels can avoid: every path has
+    probability 0. The alignment came back as a path that reads no labels (all blank), scored
+    0 (probability 1, above -loss), because a -inf emission, floored to "log 0", cost what a
+    forbidden move costs. Now: no alignment (token -1, score -inf), as for too few frames, and
+    no overflow on the way (a blank and a label of probability 0 on every frame of six).
+    Beside them, a sequence with a -inf logit that a valid path avoids keeps its path."""
+    inf = np.inf
+    cases = [
+        (np.array([[0.0, -inf, 0.0]]), [1], None),  # one frame, the label's class impossible
+        (np.array([[0.0, -inf, 0.0], [0.0, -inf, 0.0]]), [1], None),
+        (np.array([[-inf, -inf, 0.0]] * 6), [1], None),  # blank and label impossible
+        (np.array([[0.0, -inf, 0.0], [0.0, 0.0, 0.0], [0.0, -inf, 0.0]]), [1], [0, 1, 0]),  # avoidable
+    ]
+    for logits, labels, expected in cases:
+        arrays, _ = to_backend(xp, Problem(logits[None], np.zeros((1, len(logits))), np.array([labels]), np.zeros((1, 1))))
+        with np.errstate(all="raise"):  # no overflow (NumPy's loop) on the way
+            tokens, scores = (xp.to_numpy(r) for r in ctc_multi.forced_align(*arrays))
+        if expected is None:
+            assert tokens.tolist() == [[-1] * len(logits)]
+            assert np.all(scores == -inf)
+        else:
+            assert tokens.tolist() == [expected]
+            np.testing.assert_allclose(scores, -np.log([[2.0, 3.0, 2.0]]), rtol=1e-6)
 
 
 def test_a_valid_path_costing_more_than_minus_log_epsilon_still_wins(xp):

@@ -178,6 +178,25 @@ sys.exit(main(["compare", "--backends", "numpy,torch", *{TINY!r}]))
     assert "not installed" in table_line(result.stdout, "torch F.ctc_loss")
 
 
+def test_nothing_checked_is_exit_code_1_and_no_torch_means_no_reference_check(tmp_path):
+    """torch hidden: `--backends torch` ran no ctc_multi backend, yet exited 0, as if it had
+    checked something; and the caption said the reference check (which needs torch) sets the
+    exit code where there was no such row. With NumPy beside it, exit 0 and the caption says
+    there is no reference check."""
+    template = """
+import sys
+sys.modules["torch"] = None
+from ctc_multi.cli import main
+sys.exit(main(["compare", "--backends", BACKENDS, *TINY]))
+"""
+    nothing = run_cli(cwd=tmp_path, script=template.replace("BACKENDS", repr("torch")).replace("TINY", repr(TINY)))
+    assert nothing.returncode == 1, nothing.stderr
+    assert "nothing was checked" in nothing.stderr
+    numpy_only = run_cli(cwd=tmp_path, script=template.replace("BACKENDS", repr("numpy,torch")).replace("TINY", repr(TINY)))
+    assert numpy_only.returncode == 0, numpy_only.stderr
+    assert "no reference check" in " ".join(numpy_only.stdout.split())
+
+
 def test_exit_code_1_when_a_backend_is_outside_tolerance(tmp_path):
     script = f"""
 import sys
@@ -206,10 +225,12 @@ def test_a_failing_backend_is_an_error_row_and_exit_code_1():
 
 def test_anchors_never_set_the_exit_code():
     case = compare.generated_case(Shape("tiny", B=2, T=10, K=4, N=3), seed=0, dtype="float32")
-    report = compare.Report(case, "cpu", 1, rows=[compare.Row("optax.ctc_loss", anchor=True, status="outside tolerance")])
+    rows = [compare.Row("numpy", anchor=False, status="ok"), compare.Row("optax.ctc_loss", anchor=True, status="outside tolerance")]
+    report = compare.Report(case, "cpu", 1, rows=rows)
     assert report.exit_code == 0
-    report.rows.append(compare.Row("numpy", anchor=False, status="outside tolerance"))
+    report.rows.append(compare.Row("jax", anchor=False, status="outside tolerance"))
     assert report.exit_code == 1
+    assert compare.Report(case, "cpu", 1, rows=rows[1:]).exit_code == 1  # no ctc_multi backend ran: nothing checked
 
 
 @pytest.mark.skipif(not installed("torch"), reason="the reference check runs torch's F.ctc_loss")

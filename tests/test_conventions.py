@@ -13,7 +13,7 @@ import functools
 
 import numpy as np
 import pytest
-from conftest import TOLERANCE
+from conftest import TOLERANCE, installed
 from helpers import autodiff, compiled
 from torch_reference import require_torch
 
@@ -326,6 +326,22 @@ _TARGETS = np.array([[1, 2, 0], [3, 0, 0]])
 def test_torch_ctc_loss_errors_name_the_argument(arguments, options, message):
     with pytest.raises(ValueError, match=message):
         ctc_multi.torch_ctc_loss(*arguments, **options)
+
+
+def test_torch_ctc_loss_takes_log_epsilon_for_torch_number_beyond_its_default(xp):
+    """Two frames whose blank is certain, targets [1, 2]: every valid path costs 1.2e5 nats.
+    At the default log_epsilon the loss follows a path only the stand-in for log 0 allows
+    (documented, about 1e5); torch_ctc_loss had no log_epsilon, so torch's 120000 was out of
+    reach through it."""
+    log_probs = np.array([[[0.0, -6e4, -6e4]], [[0.0, -6e4, -6e4]]])
+    arguments = (xp.asarray(log_probs), xp.asarray(np.array([[1, 2]])), [2], [2])
+    at_default = float(xp.to_numpy(ctc_multi.torch_ctc_loss(*arguments, reduction="sum")))
+    assert 99_990 < at_default < 100_000
+    lower = ctc_multi.torch_ctc_loss(*arguments, reduction="sum", log_epsilon=-1e7)
+    np.testing.assert_allclose(float(xp.to_numpy(lower)), 120_000.0, rtol=1e-12)
+    if installed("torch"):
+        expected = torch_expected(log_probs, np.array([[1, 2]]), np.array([2]), np.array([2]), reduction="sum")[0]
+        np.testing.assert_allclose(float(xp.to_numpy(lower)), expected, rtol=1e-12)
 
 
 def test_empty_lists_of_lengths_are_integers():

@@ -8,8 +8,10 @@ padding, 0/1 paddings) run whenever the values are concrete; under jax.jit they 
 from __future__ import annotations
 
 import functools
-
+import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -115,6 +117,23 @@ def test_zero_infinity_not_a_bool(xp, zero_infinity):
     arrays = (xp.asarray(GOOD.logits), xp.asarray(GOOD.logit_paddings), xp.asarray(GOOD.labels), xp.asarray(GOOD.label_paddings))
     with pytest.raises(ValueError, match="^zero_infinity must be True or False"):
         ctc_multi.ctc_loss(*arrays, zero_infinity=zero_infinity)
+
+
+def test_zero_infinity_as_a_bool_array_and_the_static_arguments_under_jit(jax_x64):
+    """A 0-d bool array with a value (jnp.bool_(True), a torch bool tensor) counts as the bool
+    it holds, as np.bool_ does (it was refused). Traced under jax.jit, zero_infinity was refused
+    as "must be True or False; got JitTracer(bool[])" although it held True, and log_epsilon
+    without a word on static arguments: both now say they must be static there."""
+    jnp = jax_x64.numpy
+    arrays = (jnp.asarray(GOOD.logits), GOOD.logit_paddings, GOOD.labels, GOOD.label_paddings)
+    expected = np.asarray(ctc_multi.ctc_loss(*arrays, zero_infinity=True))
+    np.testing.assert_array_equal(np.asarray(ctc_multi.ctc_loss(*arrays, zero_infinity=jnp.bool_(True))), expected)
+    with pytest.raises(ValueError, match="^zero_infinity must be True or False"):
+        ctc_multi.ctc_loss(*arrays, zero_infinity=jnp.array([True, False]))
+    with pytest.raises(ValueError, match="^zero_infinity must be a static True or False"):
+        jax_x64.jit(ctc_multi.ctc_loss)(*arrays, zero_infinity=True)
+    with pytest.raises(ValueError, match=r"^log_epsilon must be a Python number \(a static one under jax.jit\)"):
+        jax_x64.jit(ctc_multi.ctc_loss)(*arrays, log_epsilon=-1e5)
 
 
 # --- dtypes -------------------------------------------------------------------------------------
@@ -225,3 +244,42 @@ def test_an_out_of_range_label_under_jit_is_impossible_everywhere(jax_x64, label
     # impossible sequence's sum pass one.
     near_zero = jax.jit(functools.partial(ctc_multi.ctc_loss, log_epsilon=-0.1))(*arrays)
     assert np.asarray(near_zero)[0] >= 0
+
+
+WIDE_INTEGERS_CHILD = """
+import jax.numpy as jnp, numpy as np, torch, ctc_multi
+assert not jax.config.jax_enable_x64
+logits = jnp.asarray(np.random.default_rng(0).normal(size=(1, 4, 3)).astype(np.float32))
+pads, label_pads = np.zeros((1, 4)), np.zeros((1, 1))
+calls = {
+    "numpy labels 2**32 + 1": lambda: ctc_multi.ctc_loss(logits, pads, np.array([[2**32 + 1]]), label_pads),
+    "torch labels 2**32 + 1": lambda: ctc_multi.ctc_loss(logits, pads, torch.tensor([[2**32 + 1]]), label_pads),
+    "numpy labels 2**32": lambda: ctc_multi.ctc_loss(logits, pads, np.array([[2**32]]), label_pads),
+    "uint64 labels 2**63 + 1": lambda: ctc_multi.ctc_loss(logits, pads, np.array([[2**63 + 1]], dtype=np.uint64), label_pads),
+    "logit_paddings 2**32": lambda: ctc_multi.ctc_loss(logits, np.array([[0, 0, 0, 2**32]]), np.array([[1]]), label_pads),
+    "target_lengths 2**32 + 1": lambda: ctc_multi.torch_ctc_loss(jnp.swapaxes(logits, 0, 1), np.array([[1]]), [4], np.array([2**32 + 1])),
+}
+for name, call in calls.items():
+    try:
+        print(name, "->", call())
+    except ValueError as error:
+        print(name, "-> ValueError:", error)
+print("int64 label 1 ->", ctc_multi.ctc_loss(logits, pads, np.array([[1]], dtype=np.int64), label_pads))
+"""
+
+
+def test_wide_integers_beside_jax_logits_without_x64_are_checked_not_wrapped():
+    """Without jax_enable_x64, JAX holds integers in int32: int64 labels, paddings or lengths
+    of 2**32 + 1 beside JAX logits were read as 1, a valid label (the loss of label 1, no
+    error), and 2**32 as the blank. Now they are refused as out of range, as NumPy's path
+    refuses them. (A fresh process: the test session enables x64.)"""
+    pytest.importorskip("jax")
+    pytest.importorskip("torch")
+    done = subprocess.run([sys.executable, "-c", "import jax\n" + WIDE_INTEGERS_CHILD], capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu", JAX_ENABLE_X64="0"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    for line in lines[:-1]:
+        assert "-> ValueError:" in line, line
+    assert "labels must lie in [0, K)" in lines[0] and "logit_paddings must contain only 0" in lines[4]
+    assert "target_lengths" in lines[5] or "targets" in lines[5]
+    assert lines[-1].startswith("int64 label 1 -> [")  # an int64 array in range is taken as it is

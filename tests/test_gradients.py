@@ -456,6 +456,32 @@ def test_jax_second_derivatives_match_finite_differences(jax_x64):
     np.testing.assert_allclose(np.asarray(product), (up - down) / (2 * step), **TOLERANCE["finite_difference_float64"])
 
 
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_jax_second_derivatives_ignore_nan_and_inf_in_padded_frames(jax_x64, reduction):
+    """Padded frames holding NaN or inf: the Hessian-vector product is the one with zeros
+    there (zero on the padded frames themselves). The first derivative was clean, the second
+    NaN on those frames: the log-softmax parts and the softmax read their raw values, whose
+    own derivatives, times zero, are NaN."""
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(94)
+    problem = random_problem(rng, 3, 6, 4, 2, frame_layout="anywhere", min_label_length=1)
+    direction = jnp.asarray(rng.normal(size=problem.logits.shape))
+    rest = tuple(jnp.asarray(array) for array in problem[1:])
+
+    def product(x):
+        gradient = jax.grad(lambda y: jnp.sum(ctc_multi.ctc_loss(y, *rest, reduction=reduction)))
+        return np.asarray(jax.jit(jax.grad(lambda z: jnp.vdot(gradient(z), direction)))(jnp.asarray(x)))
+
+    padded = problem.logit_paddings.astype(bool)
+    assert padded.any()
+    clean = np.where(padded[:, :, None], 0.0, problem.logits)
+    expected = product(clean)
+    assert np.all(expected[padded] == 0) and np.abs(expected).max() > 1e-3
+    np.testing.assert_allclose(product(poison_padded_frames(problem._replace(logits=clean)).logits), expected, **TOLERANCE["float64"])
+
+
 @pytest.mark.parametrize("weight_values", [[0.5, -2.0, 3.0], [1.0, 1.0, 1.0]])
 def test_torch_gradient_stays_differentiable_in_the_cotangent(weight_values):
     """torch: refusing the second derivative in the logits must not take away the derivative in
@@ -564,6 +590,32 @@ def test_torch_func_vmap_over_the_logits_computes_what_a_loop_does():
     paddings = torch.as_tensor(np.stack([problem.logit_paddings] * 3))
     with pytest.raises(RuntimeError, match="data-dependent control flow"):
         torch.func.vmap(lambda p: ctc_multi.ctc_loss(stack[0], p, *rest[1:]))(paddings)
+
+
+def test_torch_forward_mode_ad_carries_the_tangent():
+    """Dual tensors (torch.autograd.forward_ad): the loss's tangent is the gradient times the
+    logits' tangent. On a CPU the loop ran in NumPy on views of the tensors, which dropped the
+    tangent: None, read by torch as a zero derivative (torch's own ops, as on CUDA, carried it)."""
+    torch = pytest.importorskip("torch")
+    from torch.autograd import forward_ad
+
+    problem = random_problem(np.random.default_rng(98), 2, 6, 4, 2, min_label_length=1)  # right-padded, as torch_ctc_loss takes it
+    logits, tangent = torch.tensor(problem.logits), torch.tensor(np.random.default_rng(99).normal(size=problem.logits.shape))
+    rest = tuple(torch.as_tensor(array) for array in problem[1:])
+    _, gradient = ctc_reference(*problem)
+    expected = (gradient * tangent.numpy()).sum(axis=(1, 2))
+    lengths = [tuple(int(n) for n in length) for length in lengths_of(problem)]
+    with forward_ad.dual_level():
+        dual = forward_ad.make_dual(logits, tangent)
+        losses = (
+            ctc_multi.ctc_loss(dual, *rest),
+            ctc_multi.ctc_loss_with_forward_probs(dual, *rest)[0],
+            ctc_multi.torch_ctc_loss(torch.log_softmax(dual, -1).transpose(0, 1), rest[1], *lengths, reduction="none"),
+        )
+        for loss in losses:
+            carried = forward_ad.unpack_dual(loss).tangent
+            assert carried is not None
+            np.testing.assert_allclose(carried.numpy(), expected, **TOLERANCE["float64"])
 
 
 def test_torch_backward_of_the_sum_again_with_retain_graph():

@@ -157,3 +157,22 @@ def test_float32_without_x64():
     assert result.returncode == 0, result.stderr
     # Six of the eight paths over three uniform frames read "1".
     np.testing.assert_allclose(float(result.stdout), np.log(8 / 6), **TOLERANCE["float32"])
+
+
+def test_differentiating_ctc_loss_and_grad_raises(jax_x64):
+    """Its loss and gradient come from stop_gradient's logits: jax.grad through either gave
+    zeros without a word (torch refuses, its results not requiring grad). Now a TypeError that
+    says what to differentiate instead; under jit and vmap the results stay what they were."""
+    jax, jnp = jax_x64, jax_x64.numpy
+    problem = problem_for(31)
+    logits, others = jnp.asarray(problem.logits), tuple(jnp.asarray(a) for a in problem[1:])
+    for output in (0, 1):
+        with pytest.raises(TypeError, match="differentiate ctc_multi.ctc_loss instead"):
+            jax.grad(lambda x: jnp.sum(ctc_multi.ctc_loss_and_grad(x, *others)[output]))(logits)
+    loss, gradient = jax.jit(ctc_multi.ctc_loss_and_grad)(logits, *others)
+    expected_loss = ctc_multi.ctc_loss(logits, *others)
+    expected_gradient = jax.grad(lambda x: jnp.sum(ctc_multi.ctc_loss(x, *others)))(logits)
+    np.testing.assert_allclose(np.asarray(loss), np.asarray(expected_loss), **TOLERANCE["float64"])
+    np.testing.assert_allclose(np.asarray(gradient), np.asarray(expected_gradient), **TOLERANCE["gradient_float64"])
+    mapped = jax.vmap(lambda x: ctc_multi.ctc_loss_and_grad(x[None], *(a[:1] for a in others))[0])(logits[:1])
+    np.testing.assert_allclose(np.asarray(mapped)[:, 0], np.asarray(expected_loss)[:1], **TOLERANCE["float64"])

@@ -8,6 +8,7 @@ from the float64 reference (``reference.py``), from optax's alpha conventions wr
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -169,6 +170,17 @@ def test_empty_labels(xp):
     logits = problem.logits
     log_blank = logits[:, :, 0] - np.log(np.exp(logits).sum(axis=2))
     np.testing.assert_allclose(loss, -np.sum(log_blank * (1 - problem.logit_paddings), axis=1), **TOLERANCE["float64"])
+
+
+def test_the_mean_over_an_empty_batch_is_nan_without_a_warning(xp):
+    """B = 0, reduction "mean": NaN, as a mean of nothing is, on every backend. NumPy's loop
+    (torch's on a CPU too) computed it as 0 / 0 and warned, which an error filter turns into
+    an exception on those backends only."""
+    arrays, _ = to_backend(xp, Problem(np.zeros((0, 5, 4)), np.zeros((0, 5)), np.zeros((0, 2), np.int64), np.zeros((0, 2))))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss = ctc_multi.ctc_loss(*arrays, reduction="mean")
+    assert np.isnan(xp.to_numpy(loss)) and xp.to_numpy(loss).shape == ()
 
 
 def test_minus_infinite_logits_are_a_zero_probability_not_nan(xp):

@@ -153,3 +153,47 @@ def test_outputs_stay_sharded_along_the_batch(sharded_run, mesh, output):
 def test_no_cross_device_traffic(sharded_run, mesh, output):
     """Each sequence's loss needs only its own rows: the compiled program has no all-gather or any other collective."""
     assert _result(sharded_run, mesh, output)["collectives"] == []
+
+
+MIXED_DEVICES_CHILD = textwrap.dedent(
+    """
+    import json
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+    import ctc_multi
+    from ctc_multi.shapes import Shape, random_problem
+
+    logits, logit_paddings, labels, label_paddings = random_problem(Shape("mixed", B=8, T=20, K=6, N=5), seed=4)
+    expected = ctc_multi.ctc_loss(logits, logit_paddings, labels, label_paddings)
+    first, second = jax.devices()[:2]
+    results = {}
+    # JAX labels and paddings committed to another device than the logits
+    on_first = jax.device_put(jnp.asarray(logits), first)
+    loss = ctc_multi.ctc_loss(on_first, jax.device_put(jnp.asarray(logit_paddings), second), jax.device_put(jnp.asarray(labels), second), label_paddings)
+    results["committed elsewhere"] = dict(value=np.asarray(loss).tolist(), devices=sorted(d.id for d in loss.devices()))
+    # NumPy and other-device arguments beside logits sharded over each kind of mesh
+    for kind in ("Auto", "Explicit"):
+        mesh = jax.make_mesh((4,), ("batch",), axis_types=(getattr(AxisType, kind),))
+        sharded = jax.device_put(jnp.asarray(logits), NamedSharding(mesh, P("batch")))
+        loss = ctc_multi.ctc_loss(sharded, logit_paddings, jax.device_put(jnp.asarray(labels), first), label_paddings)
+        results[kind] = dict(value=np.asarray(loss).tolist(), batch_sharded=loss.sharding.is_equivalent_to(NamedSharding(mesh, P("batch")), 1))
+    print(json.dumps(dict(expected=np.asarray(expected).tolist(), results=results)))
+    """
+)
+
+
+def test_arguments_on_other_devices_than_the_logits():
+    """Labels and paddings committed to another JAX device than the logits crashed (JAX's
+    "incompatible devices", naming no argument), and NumPy paddings beside logits sharded over a
+    mesh with explicit axes were refused as "must hold numbers". Both are converted by value
+    (README, Examples): the same losses, and the logits' batch sharding kept."""
+    environment = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES}", JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, "-c", MIXED_DEVICES_CHILD], capture_output=True, text=True, env=environment)
+    assert done.returncode == 0, f"the run failed:\n{done.stderr[-4000:]}"
+    output = json.loads(done.stdout.strip().splitlines()[-1])
+    for name, result in output["results"].items():
+        np.testing.assert_allclose(result["value"], output["expected"], **TOLERANCE["float32"], err_msg=name)
+    assert output["results"]["committed elsewhere"]["devices"] == [0]
+    assert output["results"]["Auto"]["batch_sharded"] and output["results"]["Explicit"]["batch_sharded"]

@@ -23,7 +23,10 @@ Each adapter module provides:
   of each column), and ``zero_frames(xp, values, frame_zeroed)``: (B, T, X) values with the
   (B, T) flagged frames set to zero. Both may write into the arrays they are handed;
 * ``log_softmax_of_frames(xp, logits, frame_zeroed)``: (B, T, K) log-softmax over the
-  classes, the (B, T) flagged frames taken as zero logits (where ``NORMALISE_BEFORE_GATHER``);
+  classes, the (B, T) flagged frames taken as zero logits (where ``NORMALISE_BEFORE_GATHER``),
+  and ``log_softmax_parts_of_frames(xp, logits, frame_zeroed)``: its (B, T) peak and log-total
+  alike (elsewhere, where nothing differentiates through the lattice; see
+  :func:`ctc_multi.lattice.log_softmax_parts_by_where`);
 * ``gather_states(xp, values, state_classes, replaced=None, replacement=None, floor=None)``:
   (B, T, K) values, (B, S) class of each lattice state -> (T, B, S) the value of each state's
   class, time-major, then with ``replacement`` (B, S) where ``replaced`` (B, S) is True and at
@@ -44,6 +47,10 @@ Each adapter module provides:
   breaking a trace (then the explicit gradient is handed back unscaled, see
   ``losses._Problem.backward``);
 * ``detach(x)``: ``x`` cut from any autodiff graph (explicit gradients need none);
+* ``refuse_derivatives(logits, outputs, message)``: ``outputs`` (computed from ``detach``-ed
+  logits) as they are, but tied to ``logits`` so that differentiating them raises ``message``
+  where the framework would otherwise count their derivative as zero without a word (JAX's
+  stop_gradient); where it raises by itself (torch: they do not require grad), ``outputs``;
 * ``compiled(function, num_static)``: ``function`` compiled for its first ``num_static``
   (hashable) arguments where the framework compiles (``jax.jit``), else ``function`` itself.
 """
@@ -68,6 +75,7 @@ ADAPTER_NAMES = (
     "subtract_per_class",
     "zero_frames",
     "log_softmax_of_frames",
+    "log_softmax_parts_of_frames",
     "gather_states",
     "numpy_views",
     "from_numpy",
@@ -75,6 +83,7 @@ ADAPTER_NAMES = (
     "forward_and_occupancy",
     "is_all_ones",
     "detach",
+    "refuse_derivatives",
     "compiled",
 )
 

@@ -6,7 +6,7 @@ import functools
 
 import jax
 
-from ..lattice import forward_and_occupancy_by_mirror, forward_and_occupancy_by_shares, gather_states_by_take, log_softmax_of_frames_by_where, per_class_sum_by_matmul, zero_frames_by_where
+from ..lattice import forward_and_occupancy_by_mirror, forward_and_occupancy_by_shares, gather_states_by_take, log_softmax_of_frames_by_where, log_softmax_parts_by_where, per_class_sum_by_matmul, zero_frames_by_where
 
 NAME = "jax"
 INDEX_DTYPE_NAME = "int32"  # int64 needs jax_enable_x64
@@ -142,6 +142,31 @@ zero_frames = zero_frames_by_where  # XLA fuses the select into what computes th
 
 log_softmax_of_frames = log_softmax_of_frames_by_where  # unused: JAX gathers, then normalises
 
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def log_softmax_parts_of_frames(xp, logits, frame_zeroed):
+    """The lattice's (B, T) peak and log-total of each frame (``log_softmax_parts_by_where``:
+    the reductions read the raw logits, and the flagged frames' results are replaced), with a
+    derivative that is zero on the flagged frames. Autodiff of the reductions themselves
+    multiplied a flagged frame's NaN or inf by zero, and a second derivative (jax.grad of
+    jax.grad, through the custom_vjp's traced forward) was NaN there. The values, and so the
+    loss and first derivatives, are computed as before: this rule runs only when the lattice
+    is differentiated."""
+    return log_softmax_parts_by_where(xp, logits, frame_zeroed)
+
+
+@log_softmax_parts_of_frames.defjvp
+def _log_softmax_parts_jvp(xp, primals, tangents):
+    logits, frame_zeroed = primals
+    logits_tangent, _ = tangents
+    peak, log_total = log_softmax_parts_of_frames(xp, logits, frame_zeroed)
+    # d(peak + log_total) = softmax . tangent, all of it taken by the log-total: the peak is a
+    # shift that the log-softmax does not depend on. exp(-inf) on the flagged frames: zero.
+    jnp = jax.numpy
+    exponents = jnp.where(frame_zeroed[..., None], -jnp.inf, (logits - peak[..., None]) - log_total[..., None])
+    total_tangent = jnp.sum(jnp.exp(exponents) * jnp.where(frame_zeroed[..., None], 0.0, logits_tangent), axis=-1)
+    return (peak, log_total), (jnp.zeros_like(peak), total_tangent)
+
 gather_states = gather_states_by_take  # XLA's gather from the time-major view is fast
 
 
@@ -188,6 +213,24 @@ def is_all_ones(x) -> bool:
 
 def detach(x):
     return jax.lax.stop_gradient(x)
+
+
+def refuse_derivatives(logits, outputs, message):
+    """``outputs`` tied to ``logits`` by an identity whose derivative raises: computed from
+    stop_gradient's logits, they would otherwise differentiate to zeros without a word."""
+
+    @jax.custom_vjp
+    def tied(logits, outputs):
+        return outputs
+
+    def tied_forward(logits, outputs):
+        return outputs, None
+
+    def tied_backward(unused, cotangent):
+        raise TypeError(message)
+
+    tied.defvjp(tied_forward, tied_backward)
+    return tied(logits, outputs)
 
 
 @functools.lru_cache(maxsize=None)

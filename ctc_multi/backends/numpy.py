@@ -9,6 +9,7 @@ from ..lattice import (
     forward_and_occupancy_by_shares,
     gather_states_by_take,
     log_softmax_of_frames_by_where,
+    log_softmax_parts_by_where,
     subtract_log_total,
     subtract_per_class_by_matmul,
     zero_frames_by_where,
@@ -104,6 +105,9 @@ def log_softmax_of_frames(xp, logits, frame_zeroed):
     return np.reshape(result, logits.shape)
 
 
+log_softmax_parts_of_frames = log_softmax_parts_by_where  # unused: NumPy normalises, then gathers
+
+
 # Elements per block of NumPy's gather: 256 KB of float32, so that the stand-ins and the floor
 # are written while the block is in cache.
 GATHER_BLOCK = 1 << 16
@@ -164,6 +168,10 @@ def is_all_ones(x) -> bool:
 
 def detach(x):
     return x
+
+
+def refuse_derivatives(logits, outputs, message):
+    return outputs  # no autodiff
 
 
 def compiled(function, num_static):

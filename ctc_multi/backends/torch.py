@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
+from torch.autograd import forward_ad
 
-from ..lattice import forward_and_occupancy_by_mirror, replace_and_floor
+from ..lattice import forward_and_occupancy_by_mirror, log_softmax_parts_by_where, replace_and_floor
 from ..scan import python_loop_scan
 
 NAME = "torch"
@@ -119,6 +120,9 @@ def log_softmax_of_frames(xp, logits, frame_zeroed):
     return torch.log_softmax(logits.masked_fill(frame_zeroed[:, :, None], 0), dim=-1)
 
 
+log_softmax_parts_of_frames = log_softmax_parts_by_where  # unused: torch normalises, then gathers
+
+
 def gather_states(xp, values, state_classes, replaced=None, replacement=None, floor=None):
     """(B, T, K), (B, S) -> (T, B, S): torch.gather on the time-major view (torch's
     take_along_dim, which array-api-compat calls, ran 4-8x slower on `char` and `long`), then
@@ -152,7 +156,8 @@ LOOP_IN_NUMPY_ON_CPU = True
 def numpy_views(arrays):
     """NumPy views of CPU tensors (no copy), or None where the loop stays torch's: where autograd
     records (a tensor that requires grad, grad mode on: ``ctc_loss_with_forward_probs`` and
-    ``ctc_posteriors`` differentiated through the loop), on CUDA, under torch.compile, and for
+    ``ctc_posteriors`` differentiated through the loop), for a dual tensor of forward-mode AD
+    (``torch.autograd.forward_ad``), on CUDA, under torch.compile, and for
     tensors NumPy cannot view (functorch transforms, conjugate bits)."""
     if not LOOP_IN_NUMPY_ON_CPU or torch.compiler.is_compiling():
         return None
@@ -160,6 +165,8 @@ def numpy_views(arrays):
         return None
     if torch.is_grad_enabled() and any(x.requires_grad for x in arrays):
         return None
+    if any(forward_ad.unpack_dual(x).tangent is not None for x in arrays):
+        return None  # forward-mode AD (dual tensors): torch's ops carry the tangent, NumPy's would drop it
     try:
         return tuple(x.detach().numpy() for x in arrays)
     except (RuntimeError, TypeError):
@@ -189,6 +196,10 @@ def is_all_ones(x) -> bool:
 
 def detach(x):
     return x.detach()
+
+
+def refuse_derivatives(logits, outputs, message):
+    return outputs  # they do not require grad: autograd refuses to differentiate them by itself
 
 
 def compiled(function, num_static):
