@@ -171,7 +171,8 @@ def as_blank_id(blank_id, num_classes: int | None) -> int:
         # under jax.jit, traced values: blank_id picks lattice states, so it must be static.
         blank_id = operator.index(blank_id)
     except TypeError as error:
-        raise ValueError(f"blank_id must be an integer (a static one under jax.jit); got {blank_id!r}") from error
+        static = " (a static one under jax.jit)" if num_classes is not None else ""  # merge_tokens is not jitted
+        raise ValueError(f"blank_id must be an integer{static}; got {blank_id!r}") from error
     if num_classes is None and blank_id < 0:
         raise ValueError(f"blank_id must be a class id, at least 0; got {blank_id}")
     if num_classes is not None and not 0 <= blank_id < num_classes:

@@ -95,6 +95,9 @@ def test_align_writes_and_names_a_png_for_a_plot_path_without_extension(input_fi
     assert f"wrote {tmp_path / 'picture.png'}" in capsys.readouterr().out
     png_size((tmp_path / "picture.png").read_bytes())
     assert not (tmp_path / "picture").exists()
+    assert run_align(parse(["align", "--input", str(input_file), "--plot", str(tmp_path / "dotted.")])) == 0
+    assert f"wrote {tmp_path / 'dotted.png'}" in capsys.readouterr().out
+    png_size((tmp_path / "dotted.png").read_bytes())
 
 
 def test_align_refuses_directories_for_its_files(input_file, tmp_path, capsys):

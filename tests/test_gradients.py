@@ -456,30 +456,37 @@ def test_jax_second_derivatives_match_finite_differences(jax_x64):
     np.testing.assert_allclose(np.asarray(product), (up - down) / (2 * step), **TOLERANCE["finite_difference_float64"])
 
 
+@pytest.mark.parametrize("gathered_in_scan", [False, True], ids=["gathered before the scan", "gathered in the scan"])
 @pytest.mark.parametrize("reduction", ["none", "mean"])
-def test_jax_second_derivatives_ignore_nan_and_inf_in_padded_frames(jax_x64, reduction):
+def test_jax_second_derivatives_ignore_nan_and_inf_in_padded_frames(jax_x64, reduction, gathered_in_scan, monkeypatch):
     """Padded frames holding NaN or inf: the Hessian-vector product is the one with zeros
     there (zero on the padded frames themselves). The first derivative was clean, the second
     NaN on those frames: the log-softmax parts and the softmax read their raw values, whose
-    own derivatives, times zero, are NaN."""
+    own derivatives, times zero, are NaN; and where the scan gathers each frame's emissions (on
+    a CPU from 2**18 cells, forced here), NaN throughout."""
     import jax
     import jax.numpy as jnp
 
+    import ctc_multi.backends.jax as jax_backend
+
+    monkeypatch.setitem(jax_backend.GATHER_IN_SCAN_MIN_CELLS, jax.default_backend(), 0 if gathered_in_scan else 2**62)
+
     rng = np.random.default_rng(94)
     problem = random_problem(rng, 3, 6, 4, 2, frame_layout="anywhere", min_label_length=1)
-    direction = jnp.asarray(rng.normal(size=problem.logits.shape))
+    dtype = jnp.float32 if gathered_in_scan else jnp.float64  # float32: the scaled sums, which gather in the scan
+    direction = jnp.asarray(rng.normal(size=problem.logits.shape), dtype)
     rest = tuple(jnp.asarray(array) for array in problem[1:])
 
     def product(x):
         gradient = jax.grad(lambda y: jnp.sum(ctc_multi.ctc_loss(y, *rest, reduction=reduction)))
-        return np.asarray(jax.jit(jax.grad(lambda z: jnp.vdot(gradient(z), direction)))(jnp.asarray(x)))
+        return np.asarray(jax.jit(jax.grad(lambda z: jnp.vdot(gradient(z), direction)))(jnp.asarray(x, dtype)))
 
     padded = problem.logit_paddings.astype(bool)
     assert padded.any()
     clean = np.where(padded[:, :, None], 0.0, problem.logits)
     expected = product(clean)
     assert np.all(expected[padded] == 0) and np.abs(expected).max() > 1e-3
-    np.testing.assert_allclose(product(poison_padded_frames(problem._replace(logits=clean)).logits), expected, **TOLERANCE["float64"])
+    np.testing.assert_allclose(product(poison_padded_frames(problem._replace(logits=clean)).logits), expected, **TOLERANCE["float32" if gathered_in_scan else "float64"])
 
 
 @pytest.mark.parametrize("weight_values", [[0.5, -2.0, 3.0], [1.0, 1.0, 1.0]])
