@@ -69,13 +69,14 @@ def in_namespace_of(xp, reference: Array, name: str, x) -> Array:
         except Exception as error:
             raise ValueError(f"{name} must be an array, a list or a tuple; got {type(x).__name__}") from error
         try:
-            return xp.asarray(_within_integers_of(xp, x), device=device(reference))
+            x = _within_integers_of(xp, x)
+            return xp.asarray(x, device=device(reference))
         except Exception as error:  # strings, objects: torch cannot hold them
             if x.dtype.kind == "f" and x.dtype.itemsize < 4:  # a namespace without float16 (array_api_strict)
                 return xp.asarray(x.astype(np.float32), device=device(reference))  # exactly
             if x.dtype.kind in "biuf":
                 try:  # JAX logits sharded over a mesh with explicit axes, which asarray cannot place
-                    return xp.asarray(_within_integers_of(xp, x))  # on no device in particular: JAX moves it to the logits
+                    return xp.asarray(x)  # on no device in particular: JAX moves it to the logits
                 except Exception:
                     pass
             raise ValueError(f"{name} must hold numbers; got dtype {x.dtype}") from error
