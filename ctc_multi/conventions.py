@@ -67,7 +67,10 @@ def _in_range(xp, name: str, lengths: Array, upper: int | None, upper_name: str 
     conversion after the check is exact."""
     wide = index_dtype(xp)
     lengths = unsigned_in_index_dtype(xp, lengths)
-    limit = xp.iinfo(wide).max if upper is None else upper
+    # Without an upper bound, one below the index dtype's largest: a wider length beside JAX
+    # logits without x64 arrives clipped to that largest (inputs._within_integers_of) and is
+    # refused here, rather than in a later message that would quote the clipped number.
+    limit = xp.iinfo(wide).max - 1 if upper is None else upper
     outside = lengths < 0
     if xp.iinfo(lengths.dtype).max > limit:
         outside = outside | (lengths > limit)
