@@ -13,7 +13,7 @@ from __future__ import annotations
 import operator
 from typing import Any
 
-from array_api_compat import device
+from array_api_compat import device, is_numpy_namespace
 
 from .backends import backend_for, index_dtype
 from .inputs import _as_padding_mask, in_namespace_of, namespace_of, unsigned_in_index_dtype
@@ -81,6 +81,17 @@ def _in_range(xp, name: str, lengths: Array, upper: int | None, upper_name: str 
     return xp.astype(lengths, wide)
 
 
+def _is_real_dtype(xp, dtype) -> bool:
+    try:
+        if is_numpy_namespace(xp):
+            import numpy as np
+
+            dtype = np.dtype(dtype)  # NumPy's astype also takes bool, float, "f4"
+        return bool(xp.isdtype(dtype, ("bool", "integral", "real floating")))
+    except Exception:  # not a dtype of xp (another framework's, a string)
+        return False
+
+
 def lengths_to_paddings(lengths: Array, max_len: int, *, dtype=None) -> Array:
     """(B,) lengths -> (B, max_len) paddings: 1 on positions ``>= length``, 0 before.
 
@@ -92,15 +103,16 @@ def lengths_to_paddings(lengths: Array, max_len: int, *, dtype=None) -> Array:
         result has its namespace (NumPy for lists and tuples) and device.
       max_len: the number of positions T (a Python integer, so the shape is static under
         ``jax.jit``).
-      dtype: dtype of the result, a dtype of the lengths' namespace; default float32.
+      dtype: dtype of the result, a bool, integer or real floating dtype of the lengths'
+        namespace (others are refused); default float32.
 
     Returns:
       (B, max_len)-array of 0.0 (valid) and 1.0 (padded).
 
     Raises:
       ValueError: naming the argument, when ``lengths`` is not a 1-D integer array, when
-        ``max_len`` is not a non-negative integer, or (for concrete values) when a length lies
-        outside [0, max_len].
+        ``max_len`` is not a non-negative integer, when ``dtype`` is not one of the lengths'
+        namespace, or (for concrete values) when a length lies outside [0, max_len].
 
     Example:
       >>> import numpy as np, ctc_multi
@@ -108,12 +120,14 @@ def lengths_to_paddings(lengths: Array, max_len: int, *, dtype=None) -> Array:
       array([[0., 0., 0., 1.],
              [0., 1., 1., 1.]], dtype=float32)
     """
-    xp, lengths = namespace_of(lengths)
+    xp, lengths = namespace_of(lengths, "lengths")
     max_len = _as_size("max_len", max_len)
     if lengths.ndim != 1:
         raise ValueError(f"lengths must be a (B,)-array; got shape {tuple(lengths.shape)}")
     _check_integers(xp, "lengths", lengths)
     lengths = _in_range(xp, "lengths", lengths, max_len, "max_len")
+    if dtype is not None and not _is_real_dtype(xp, dtype):
+        raise ValueError(f"dtype must be a bool, integer or real floating dtype of the lengths' namespace, {xp.__name__}; got {dtype!r}")
     positions = xp.arange(max_len, dtype=lengths.dtype, device=device(lengths))
     padded = positions[None, :] >= lengths[:, None]
     return xp.astype(padded, xp.float32 if dtype is None else dtype)
@@ -141,7 +155,7 @@ def paddings_to_lengths(paddings: Array) -> Array:
       >>> ctc_multi.paddings_to_lengths(np.array([[0.0, 0.0, 1.0], [0.0, 1.0, 1.0]]))
       array([2, 1])
     """
-    xp, paddings = namespace_of(paddings)
+    xp, paddings = namespace_of(paddings, "paddings")
     if paddings.ndim != 2:
         raise ValueError(f"paddings must be a (B, T)-array; got shape {tuple(paddings.shape)}")
     concrete = _known(xp, xp.any(xp.astype(paddings, xp.bool))) is not None
@@ -238,7 +252,7 @@ def torch_ctc_loss(
       >>> round(float(loss[0]), 4)                      # 6 of the 8 paths read "1": log(8/6)
       0.2877
     """
-    xp, log_probs = namespace_of(log_probs)
+    xp, log_probs = namespace_of(log_probs, "log_probs")
     if log_probs.ndim not in (2, 3):
         raise ValueError(f"log_probs must be a (T, B, C)-array, or (T, C) when unbatched; got shape {tuple(log_probs.shape)}")
     unbatched = log_probs.ndim == 2

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from array_api_compat import array_namespace, device, is_torch_array
+from array_api_compat import array_namespace, device, is_jax_namespace, is_torch_array
 
 from .backends import backend_for, index_dtype
 
@@ -36,22 +36,44 @@ class CTCInputs:
     log_epsilon: float
 
 
-def namespace_of(logits: Array) -> tuple[ModuleType, Array]:
-    """The array namespace of ``logits``; anything that is not an array becomes a NumPy array."""
+def namespace_of(logits: Array, name: str = "logits") -> tuple[ModuleType, Array]:
+    """The array namespace of ``logits``; anything that is not an array becomes a NumPy array,
+    and a NumPy array a plain one (``plain_numpy``)."""
     try:
-        return array_namespace(logits), logits
+        xp = array_namespace(logits)
     except TypeError:
-        logits = _numpy_of_python_values(logits)
-        return array_namespace(logits), logits
+        logits = _numpy_of_python_values(logits, name)
+        xp = array_namespace(logits)
+    return xp, plain_numpy(logits)
 
 
-def _numpy_of_python_values(x):
+def _numpy_of_python_values(x, name: str):
     """A list, a tuple or a number as a NumPy array; an empty list or tuple, which has no dtype
     to go by, as int64 (NumPy's float64 would be refused as lengths or labels)."""
     import numpy as np
 
-    x = np.asarray(x)
+    try:
+        x = np.asarray(x)
+    except Exception as error:  # ragged nesting, objects NumPy cannot hold
+        raise ValueError(f"{name} must be an array, or a list or tuple of numbers nested to a rectangular shape; got {type(x).__name__} ({error})") from error
     return x.astype(np.int64) if x.size == 0 and x.dtype == np.float64 else x
+
+
+def plain_numpy(x):
+    """A NumPy array as one that every NumPy function takes as it is: the base class (not
+    ``np.matrix``, whose products and reshapes differ), native byte order (``np.load`` of a
+    big-endian file; its float64 is otherwise not ``np.float64``), and ml_dtypes' types (bfloat16,
+    float8, int4: NumPy's asarray of JAX arrays) as float32 or int64, exactly. Anything else as it is."""
+    import numpy as np
+
+    if not isinstance(x, np.ndarray):
+        return x
+    x = np.asarray(x)
+    if not x.dtype.isnative:
+        x = x.astype(x.dtype.newbyteorder("="))
+    if x.dtype.kind == "V":
+        x = x.astype(np.int64 if x.dtype.name.startswith(("int", "uint")) else np.float32)
+    return x
 
 
 def in_namespace_of(xp, reference: Array, name: str, x) -> Array:
@@ -64,28 +86,36 @@ def in_namespace_of(xp, reference: Array, name: str, x) -> Array:
         # Through NumPy: torch.asarray would reinterpret a JAX buffer's bytes instead of its values.
         import numpy as np
 
+        if not hasattr(x, "dtype"):
+            x = _numpy_of_python_values(x, name)
         try:  # a writable copy: torch warns on read-only NumPy buffers
-            x = np.array(as_numpy(x) if hasattr(x, "dtype") else _numpy_of_python_values(x))
+            x = np.array(as_numpy(x))
         except Exception as error:
-            raise ValueError(f"{name} must be an array, a list or a tuple; got {type(x).__name__}") from error
+            raise ValueError(f"{name} must be an array, a list or a tuple; got {type(x).__name__} ({error})") from error
         try:
             x = _within_integers_of(xp, x)
             return xp.asarray(x, device=device(reference))
         except Exception as error:  # strings, objects: torch cannot hold them
             if x.dtype.kind == "f" and x.dtype.itemsize < 4:  # a namespace without float16 (array_api_strict)
                 return xp.asarray(x.astype(np.float32), device=device(reference))  # exactly
-            if x.dtype.kind in "biuf":
+            if x.dtype.kind in "biuf" and is_jax_namespace(xp):
                 try:  # JAX logits sharded over a mesh with explicit axes, which asarray cannot place
                     return xp.asarray(x)  # on no device in particular: JAX moves it to the logits
                 except Exception:
                     pass
+            if x.dtype.kind in "biuf":  # array_api_strict's device "no_float64", say
+                raise ValueError(f"{name} of dtype {x.dtype} cannot be put on the logits' device {device(reference)}: {error}") from error
             raise ValueError(f"{name} must hold numbers; got dtype {x.dtype}") from error
     if device(x) == device(reference):
-        return x
+        return plain_numpy(x)
     try:
         return xp.asarray(x, device=device(reference))
     except Exception:  # JAX: an array committed to another device (or devices) than the logits
-        return in_namespace_of(xp, reference, name, as_numpy(x))
+        try:
+            values = as_numpy(x)
+        except Exception as error:  # torch's meta device: shapes without values
+            raise ValueError(f"{name} cannot be read onto the logits' device {device(reference)}: {error}") from error
+        return in_namespace_of(xp, reference, name, values)
 
 
 def _within_integers_of(xp, x):
@@ -119,7 +149,7 @@ def as_numpy(x):
         if not hasattr(x, "__dlpack__"):
             raise
         x = np.from_dlpack(x, device="cpu", copy=True)
-    return x.astype(np.float32) if x.dtype.kind == "V" else x
+    return plain_numpy(x)
 
 
 def unsigned_in_index_dtype(xp, x: Array) -> Array:
@@ -131,16 +161,15 @@ def unsigned_in_index_dtype(xp, x: Array) -> Array:
 
 
 def compute_dtype(xp, dtype, name: str = "logits"):
-    """float32 and float64 stay; narrower floats (float16, bfloat16) are computed in float32."""
+    """float32 and float64 stay; narrower floats (float16, bfloat16) are computed in float32;
+    wider ones (NumPy's longdouble) are refused rather than computed in less than they hold."""
     if dtype in (xp.float32, xp.float64):
         return dtype
-    try:
-        floating = xp.isdtype(dtype, "real floating")
-    except TypeError:  # a NumPy array of ml_dtypes' bfloat16 (np.asarray of JAX's) or float8
-        floating = str(dtype).startswith(("bfloat16", "float8"))
-    if floating:
-        return xp.float32
-    raise ValueError(f"{name} must be a real floating-point array; got dtype {dtype}")
+    if not xp.isdtype(dtype, "real floating"):
+        raise ValueError(f"{name} must be a real floating-point array; got dtype {dtype}")
+    if getattr(dtype, "itemsize", 0) > 8:
+        raise ValueError(f"{name} of dtype {dtype}, wider than float64, is not supported: cast it to float64")
+    return xp.float32
 
 
 def _check_shape(name: str, actual: tuple, expected: tuple, why: str) -> None:

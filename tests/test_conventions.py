@@ -72,6 +72,20 @@ def test_lengths_as_lists_and_tuples_give_numpy():
         np.testing.assert_array_equal(paddings, PADDINGS)
 
 
+def test_lengths_to_paddings_refuses_another_frameworks_dtype():
+    """A dtype of another framework than the lengths' (crashed inside astype with torch's or
+    NumPy's own message); NumPy's spellings of its dtypes (bool, "f4") are taken."""
+    np.testing.assert_array_equal(ctc_multi.lengths_to_paddings(LENGTHS, 5, dtype=bool), PADDINGS.astype(bool))
+    assert ctc_multi.lengths_to_paddings(LENGTHS, 5, dtype="f4").dtype == np.float32
+    if installed("torch"):
+        import torch
+
+        with pytest.raises(ValueError, match="^dtype must be"):
+            ctc_multi.lengths_to_paddings(torch.tensor(LENGTHS), 5, dtype=np.float64)
+        with pytest.raises(ValueError, match="^dtype must be"):
+            ctc_multi.lengths_to_paddings(LENGTHS, 5, dtype=torch.float64)
+
+
 def test_lengths_and_paddings_under_jax_jit(jax_x64):
     jax = jax_x64
     import jax.numpy as jnp
@@ -93,6 +107,12 @@ def test_lengths_and_paddings_under_jax_jit(jax_x64):
         (lambda: ctc_multi.lengths_to_paddings(np.array([1, 2]), 3.0), "max_len"),
         (lambda: ctc_multi.paddings_to_lengths(np.array([0, 1])), "paddings must be a \\(B, T\\)-array"),
         (lambda: ctc_multi.paddings_to_lengths(np.array([[0, 2]])), "paddings must contain only 0"),
+        # A dtype that is not the namespace's, or not a real one, was passed on to astype:
+        # "U3" returned strings ('Fal', 'Tru'), complex64 complex paddings.
+        (lambda: ctc_multi.lengths_to_paddings(np.array([1, 2]), 3, dtype="U3"), "^dtype must be a bool, integer or real floating dtype"),
+        (lambda: ctc_multi.lengths_to_paddings(np.array([1, 2]), 3, dtype=np.complex64), "^dtype must be"),
+        (lambda: ctc_multi.lengths_to_paddings([[1, 2], [3]], 3), "^lengths must be an array, or a list or tuple of numbers nested to a rectangular shape"),
+        (lambda: ctc_multi.paddings_to_lengths([[0, 1], [0]]), "^paddings must be an array"),
     ],
 )
 def test_helper_errors_name_the_argument(call, message):

@@ -112,6 +112,29 @@ def test_paddings_of_strings(xp):
         ctc_multi.ctc_loss(*arrays)
 
 
+def test_ragged_lists_name_their_argument(xp):
+    """Ragged nested lists gave NumPy's message (logits) or "must be an array, a list or a
+    tuple; got list" (labels, which was one)."""
+    with pytest.raises(ValueError, match="^logits must be an array, or a list or tuple of numbers nested to a rectangular shape"):
+        ctc_multi.ctc_loss([[[0.0, 1.0]], [[0.0]]], GOOD.logit_paddings, GOOD.labels, GOOD.label_paddings)
+    arrays = (xp.asarray(GOOD.logits), xp.asarray(GOOD.logit_paddings), [[1, 2], [2]], xp.asarray(GOOD.label_paddings))
+    with pytest.raises(ValueError, match="^labels must be an array, or a list or tuple of numbers nested to a rectangular shape"):
+        ctc_multi.ctc_loss(*arrays)
+
+
+def test_an_argument_the_logits_device_cannot_hold():
+    """array_api_strict's device without float64: float64 paddings beside its logits were put
+    on the default device (an error about mixing devices that the library had caused)."""
+    xps = pytest.importorskip("array_api_strict")
+    try:
+        device = xps.Device("no_float64")
+    except Exception:
+        pytest.skip("this array_api_strict has no device without float64")
+    logits = xps.asarray(GOOD.logits.astype(np.float32), device=device)
+    with pytest.raises(ValueError, match="^logit_paddings of dtype float64 cannot be put on the logits' device"):
+        ctc_multi.ctc_loss(logits, GOOD.logit_paddings, GOOD.labels, GOOD.label_paddings)
+
+
 @pytest.mark.parametrize("zero_infinity", ["False", 1, None])
 def test_zero_infinity_not_a_bool(xp, zero_infinity):
     arrays = (xp.asarray(GOOD.logits), xp.asarray(GOOD.logit_paddings), xp.asarray(GOOD.labels), xp.asarray(GOOD.label_paddings))

@@ -7,6 +7,7 @@ from the float64 reference (``reference.py``), from optax's alpha conventions wr
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
@@ -358,6 +359,66 @@ def test_numpy_bfloat16_logits():
     loss = ctc_multi.ctc_loss(narrow, *problem[1:])
     assert loss.dtype == np.float32
     np.testing.assert_allclose(loss, ctc_multi.ctc_loss(narrow.astype(np.float32), *problem[1:]), rtol=0, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")  # np.asmatrix
+def test_numpy_arrays_in_any_layout_numpy_can_make(xp):
+    """NumPy arguments that NumPy itself makes from files and other frameworks: big-endian
+    (``np.load`` of a '>f8' file: its float64 logits were computed in float32, 1.4e-3 off on a
+    long sequence; its labels crashed), ``np.matrix`` paddings and labels (crashed beside NumPy
+    logits), ml_dtypes' bfloat16 paddings and int4 labels (refused, or int4 read as float32)."""
+    problem = standard_problem(21, frame_layout="middle")
+    expected = ctc_reference(*problem)[0]
+    big_endian = [a.astype(a.dtype.newbyteorder(">")) for a in problem]
+    if xp.name == "numpy":  # the logits decide the namespace: only NumPy's can be big-endian
+        loss = ctc_multi.ctc_loss(big_endian[0], *problem[1:])
+        assert loss.dtype == np.float64
+        np.testing.assert_allclose(loss, expected, **TOLERANCE["float64"])
+    logits = xp.asarray(problem.logits)
+    forms = {
+        "big-endian": big_endian[1:],
+        "np.matrix": (np.asmatrix(problem.logit_paddings), np.asmatrix(problem.labels), np.asmatrix(problem.label_paddings)),
+    }
+    if installed("ml_dtypes"):
+        import ml_dtypes
+
+        assert problem.labels.max() < 8  # int4 holds them
+        forms["ml_dtypes"] = (problem.logit_paddings.astype(ml_dtypes.bfloat16), problem.labels.astype(ml_dtypes.int4), problem.label_paddings.astype(ml_dtypes.float8_e4m3fn))
+    for name, others in forms.items():
+        loss = ctc_multi.ctc_loss(logits, *others)
+        xp.check_type(loss)
+        np.testing.assert_allclose(xp.to_numpy(loss), expected, **TOLERANCE["float64"], err_msg=name)
+
+
+def test_torch_meta_tensors_give_shapes_without_values():
+    """torch's meta device holds shapes, no values (model shape inference): the value checks,
+    which read values, crashed there ("Tensor.item() cannot be called on meta tensors"); they
+    are skipped as under torch.compile. A meta argument beside CPU logits cannot be read:
+    refused, naming it."""
+    torch = pytest.importorskip("torch")
+    meta = functools.partial(torch.empty, device="meta")
+    logits, paddings, labels, label_paddings = meta(2, 6, 4, requires_grad=True), meta(2, 6), meta(2, 3, dtype=torch.long), meta(2, 3)
+    loss = ctc_multi.ctc_loss(logits, paddings, labels, label_paddings)
+    assert loss.is_meta and loss.shape == (2,)
+    loss.sum().backward()
+    assert logits.grad.is_meta and logits.grad.shape == (2, 6, 4)
+    _, blank, label = ctc_multi.ctc_loss_with_forward_probs(logits, paddings, labels, label_paddings)
+    assert (blank.shape, label.shape) == ((6, 2, 4), (6, 2, 3))
+    tokens, _ = ctc_multi.forced_align(logits, paddings, labels, label_paddings)
+    assert tokens.is_meta and tokens.shape == (2, 6)
+    assert ctc_multi.torch_ctc_loss(meta(6, 2, 4), labels, meta(2, dtype=torch.long), meta(2, dtype=torch.long)).is_meta
+    assert ctc_multi.lengths_to_paddings(meta(2, dtype=torch.long), 5).shape == (2, 5)
+    with pytest.raises(ValueError, match="^logit_paddings cannot be read onto the logits' device cpu"):
+        ctc_multi.ctc_loss(torch.zeros(2, 6, 4), paddings, np.ones((2, 3), dtype=np.int64), np.zeros((2, 3)))
+
+
+def test_logits_wider_than_float64_are_refused():
+    """NumPy's longdouble was computed in float32; it is refused, naming logits."""
+    if np.dtype(np.longdouble).itemsize <= 8:
+        pytest.skip("longdouble is float64 on this platform")
+    problem = standard_problem(22)
+    with pytest.raises(ValueError, match=r"^logits of dtype float128, wider than float64"):
+        ctc_multi.ctc_loss(problem.logits.astype(np.longdouble), *problem[1:])
 
 
 def test_a_moderate_log_epsilon_does_not_clamp_real_emissions(xp):

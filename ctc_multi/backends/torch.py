@@ -32,9 +32,10 @@ def scan(step, init, xs, *, reverse=False):
 
 
 def is_concrete(x) -> bool:
-    """False under torch.compile and while a CUDA stream captures a graph (``torch.cuda.graph``),
-    where reading a value would break the trace or the capture: the input checks are skipped."""
-    if torch.compiler.is_compiling():
+    """False under torch.compile, while a CUDA stream captures a graph (``torch.cuda.graph``),
+    where reading a value would break the trace or the capture, and on the meta device, which
+    holds shapes without values: the input checks are skipped."""
+    if torch.compiler.is_compiling() or getattr(x, "is_meta", False):
         return False
     return not (getattr(x, "is_cuda", False) and torch.cuda.is_current_stream_capturing())
 
