@@ -45,7 +45,10 @@ DEFAULT_SHAPES = ("char", "bpe", "long", "vocab5k")
 
 def import_at(revision: str, repository: Path = HERE.parent) -> ModuleType:
     """The ctc_multi package as it was at ``revision``, imported as ``ctc_multi_at_<commit>``."""
-    commit = subprocess.run(["git", "rev-parse", "--short", revision], cwd=repository, capture_output=True, text=True, check=True).stdout.strip()
+    found = subprocess.run(["git", "rev-parse", "--short", "--verify", "--quiet", f"{revision}^{{commit}}"], cwd=repository, capture_output=True, text=True)
+    if found.returncode != 0:
+        raise SystemExit(f"ab.py: error: --against {revision}: not a commit of {repository}")
+    commit = found.stdout.strip()
     archive = subprocess.run(["git", "archive", commit, "ctc_multi"], cwd=repository, capture_output=True, check=True).stdout
     folder = Path(tempfile.mkdtemp(prefix="ctc_multi_ab_"))
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:

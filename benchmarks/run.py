@@ -775,7 +775,27 @@ def parse_args(argv=None):
     unknown = set(args.shapes or ()) - set(SHAPES)
     if unknown:
         parser.error(f"unknown shape(s) {', '.join(sorted(unknown))}; choose from {', '.join(SHAPES)}")
+    try:  # before the run, not after it: it ran, then a bad path lost its results in a traceback
+        if args.json:
+            compare.check_directory("--json", args.json)
+        if args.plot:
+            args.plot = compare.check_plotting(args.plot)
+    except compare.UsageError as error:
+        parser.error(str(error))
+    if args.device == "cuda" and not args.memory_child and not any(_sees_a_gpu(framework) for framework in ("torch", "jax")):
+        # otherwise every contender is "unavailable", no target is checked, and latest.json is overwritten with that
+        parser.error("--device cuda: neither torch nor jax sees a GPU here")
     return args
+
+
+def _sees_a_gpu(framework: str) -> bool:
+    if importlib.util.find_spec(framework) is None:
+        return False
+    try:
+        (compare.torch_device if framework == "torch" else compare.jax_device)("cuda")
+        return True
+    except compare.Unavailable:
+        return False
 
 
 def main(argv=None) -> int:

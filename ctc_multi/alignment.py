@@ -56,7 +56,9 @@ def forced_align(logits: Array, logit_paddings: Array, labels: Array, label_padd
       token -1 and score 0. A sequence that no path can align (fewer valid frames than labels
       plus the blanks needed between repeated labels, or every path through a frame where its
       class has probability 0, a ``-inf`` logit) gets token -1 on every frame and score
-      ``-inf`` on its valid frames. The results are not differentiable (gradients are stopped).
+      ``-inf`` on its valid frames. A sequence with a NaN or ``+inf`` logit on a valid frame
+      (no softmax there) has no alignment either: token -1 on every frame, score NaN on its
+      valid frames. The results are not differentiable (gradients are stopped).
 
     Ties between equally likely best paths are broken deterministically: the path returned is
     the one whose lattice states, read from the last frame back to the first, are
@@ -103,6 +105,7 @@ def _forced_align(problem: _Problem, logits, *others):
 
 def _forced_align_here(problem: _Problem, *arrays):
     xp, scan = problem.xp, problem.backend.scan
+    logits, frame_padded = arrays[0], arrays[1]
     lattice = problem.lattice(*arrays)
     final, (_, choices) = problem.recursion(lattice, semiring=MaxSemiring)
 
@@ -115,8 +118,7 @@ def _forced_align_here(problem: _Problem, *arrays):
     # A best path that costs at least a "log 0" (viterbi_log_epsilon) went through a forbidden
     # move or an emission of probability 0 (a -inf logit, floored to log 0): every path that
     # reads the labels has probability 0, and the best one is no alignment. A valid path of
-    # positive probability costs a sum of finite log-probabilities, far less. (NaN logits
-    # compare False: their NaN stays.)
+    # positive probability costs a sum of finite log-probabilities, far less.
     best = (xp.maximum(on_blank, on_label) + offset_lo) + offset_hi
     aligned = lattice.feasible & ~(best <= problem.log_epsilon)
 
@@ -126,10 +128,15 @@ def _forced_align_here(problem: _Problem, *arrays):
     scores = log_softmax_of_classes(xp, lattice, classes)
 
     padded = lattice.logit_padded
-    infeasible = ~aligned[:, None]
+    # A NaN or +inf logit on a valid frame leaves that frame no softmax (its scores NaN, or -inf
+    # beside a NaN for +inf), so no path to compare: no alignment either, its scores NaN.
+    no_softmax = xp.any(xp.isnan(logits) | (logits == math.inf), axis=2) & ~frame_padded
+    undefined = xp.any(no_softmax, axis=1)
+    infeasible = ~(aligned & ~undefined)[:, None]
     tokens = xp.astype(classes, xp.int32)
     tokens = xp.where(padded | infeasible, xp.full_like(tokens, -1), tokens)
     scores = xp.where(infeasible, xp.full_like(scores, -math.inf), scores)
+    scores = xp.where(undefined[:, None], xp.full_like(scores, math.nan), scores)
     scores = xp.where(padded, xp.zeros_like(scores), scores)
     return tokens, scores
 
@@ -248,6 +255,8 @@ def _posteriors_here(problem: _Problem, *arrays):
     xp = problem.xp
     lattice = problem.lattice(*arrays)
     _, occupancy = problem.occupancy(lattice)  # (T, B, N + 1): the blanks' total, then the labels
-    posteriors = xp.permute_dims(occupancy[:, :, 1:], (1, 0, 2))
+    # Probabilities: rounding put float32 ones a few ulps outside [0, 1] (-6.5e-8), where their
+    # log is NaN.
+    posteriors = xp.clip(xp.permute_dims(occupancy[:, :, 1:], (1, 0, 2)), 0.0, 1.0)
     counts = lattice.feasible[:, None, None] & ~lattice.logit_padded[:, :, None]
     return xp.where(counts, posteriors, xp.zeros_like(posteriors))

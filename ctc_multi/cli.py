@@ -20,18 +20,29 @@ from .shapes import DEFAULT_SHAPE, SHAPES, Shape
 _DIMENSIONS = (("batch", "B"), ("frames", "T"), ("classes", "K"), ("labels", "N"))
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer; got {value}")
-    return value
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (the README's promise for exit code 2), with
+    a pointer to ``--help`` instead of the usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer; got {value}")
-    return value
+def _integer_at_least(lowest: int, what: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}; got {text!r}") from None
+        if value < lowest:
+            raise argparse.ArgumentTypeError(f"must be {what}; got {value}")
+        return value
+
+    return parse
+
+
+_positive_int = _integer_at_least(1, "a positive integer")
+_non_negative_int = _integer_at_least(0, "a non-negative integer")
 
 
 def _name_list(text: str) -> list[str]:
@@ -138,8 +149,8 @@ def run_compare(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ctc-multi", description="CTC loss for NumPy, JAX and PyTorch from one recursion.")
-    subparsers = parser.add_subparsers(title="commands", dest="command", required=True)
+    parser = _Parser(prog="ctc-multi", description="CTC loss for NumPy, JAX and PyTorch from one recursion.")
+    subparsers = parser.add_subparsers(title="commands", dest="command", required=True, parser_class=_Parser)
     add_compare_parser(subparsers)
     align_command.add_align_parser(subparsers)
     return parser

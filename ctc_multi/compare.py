@@ -100,7 +100,11 @@ class Case:
 
 
 def generated_case(shape: Shape, *, seed: int, dtype: str) -> Case:
-    return Case(random_problem(shape, seed, dtype), blank_id=0, source=f"shape {shape}", seed=seed)
+    try:
+        return Case(random_problem(shape, seed, dtype), blank_id=0, source=f"shape {shape}", seed=seed)
+    except MemoryError:
+        gib = shape.B * shape.T * shape.K * np.dtype(dtype).itemsize / 2**30
+        raise UsageError(f"shape {shape}: its logits alone take {gib:.3g} GiB, more than this machine can allocate") from None
 
 
 def load_case(path: str, *, dtype: str | None) -> Case:
@@ -127,6 +131,9 @@ def load_case(path: str, *, dtype: str | None) -> Case:
             f"{path}: missing key {missing[0]!r}; an input file needs the arrays {', '.join(NPZ_KEYS)}"
             f" (and may hold an integer blank_id); it has: {', '.join(sorted(arrays)) or 'nothing'}"
         )
+    for key in (*NPZ_KEYS, "blank_id"):
+        if key in arrays and not isinstance(arrays[key], np.ndarray):  # a member that is no .npy file: np.load gives bytes
+            raise UsageError(f"{path}: {key} is not a .npy array (numpy.savez writes each array as one)")
     blank_id = arrays.get("blank_id", np.asarray(0))
     if blank_id.ndim != 0 or blank_id.dtype.kind not in "iu":
         raise UsageError(f"{path}: blank_id must be an integer scalar; got dtype {blank_id.dtype}, shape {blank_id.shape}")
@@ -135,6 +142,13 @@ def load_case(path: str, *, dtype: str | None) -> Case:
         check_inputs(*problem, blank_id=int(blank_id), log_epsilon=DEFAULT_LOG_EPSILON)
     except ValueError as error:
         raise UsageError(f"{path}: {error}") from None
+    no_softmax = np.any(np.isnan(problem.logits) | (problem.logits == np.inf), axis=2) & (problem.logit_paddings == 0)
+    if np.any(no_softmax):
+        sequence, frame = (int(i[0]) for i in np.nonzero(no_softmax))
+        raise UsageError(
+            f"{path}: logits hold NaN or +inf on a valid frame (sequence {sequence}, frame {frame}), which has no "
+            "softmax: every loss and gradient of that sequence is NaN. Mark the frame padded or fix its logits"
+        )
     if dtype is None:
         dtype = "float64" if problem.logits.dtype == np.float64 else "float32"
     return Case(problem._replace(logits=problem.logits.astype(dtype)), blank_id=int(blank_id), source=f"file {path}")
@@ -470,6 +484,9 @@ def _measure(contender: Contender, case: Case, reference, device: str, repeats: 
 
 
 REFERENCE_CHECK = "reference check"
+# What to install for a missing module: the extras pin torch to the CPU wheel's range (a bare
+# `pip install torch` may pull a multi-GB CUDA build).
+PIP_NAMES = {"torch": "'ctc-multi[torch]'", "jax": "'ctc-multi[jax]'", "array_api_strict": "array-api-strict"}
 
 
 def _check_reference(case: Case, reference) -> Row:
@@ -527,7 +544,8 @@ def run(case: Case, contenders: list[Contender], *, device: str = "cpu", repeats
     """
     if repeats < 1:
         raise UsageError(f"--repeats must be at least 1; got {repeats}")
-    checking = any(contender.name == TORCH_ANCHOR and not contender.missing() for contender in contenders)
+    # Where torch is installed and selected (its backend or its anchor), with or without --no-anchors.
+    checking = importlib.util.find_spec("torch") is not None and any(contender.framework == "torch" for contender in contenders)
     task = progress.add_task("float64 reference", total=1 + len(contenders) * steps_per_contender(repeats) + checking) if progress else None
 
     def advance(description: str | None = None):
@@ -542,7 +560,7 @@ def run(case: Case, contenders: list[Contender], *, device: str = "cpu", repeats
             progress.update(task, description=contender.name)
         missing = contender.missing()
         if missing:
-            row = Row(contender.name, contender.anchor, "not installed", message=f"pip install {' '.join(missing)}")
+            row = Row(contender.name, contender.anchor, "not installed", message=f"pip install {' '.join(PIP_NAMES.get(module, module) for module in missing)}")
         else:
             try:
                 row = _measure(contender, case, reference, device, repeats, advance)
@@ -591,7 +609,7 @@ def _rich():
         import rich.progress
         import rich.table
     except ImportError:
-        raise UsageError("ctc-multi compare needs rich: pip install 'ctc-multi[cli]'") from None
+        raise UsageError("needs rich: pip install 'ctc-multi[cli]'") from None
     return rich
 
 
@@ -680,10 +698,21 @@ def write_json(report: Report, path: str) -> None:
 
 
 def check_directory(option: str, path: str) -> None:
-    """Fail before the run, not after it, when ``path``'s directory does not exist."""
+    """Fail before the run, not after it, when ``path`` cannot be written: a directory in its
+    place, no such directory, or a file that cannot be opened for writing there (left as it was)."""
+    if os.path.isdir(path):
+        raise UsageError(f"{option} {path}: is a directory; give a file name in it")
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise UsageError(f"{option} {path}: no such directory {directory}")
+    existed = os.path.exists(path)
+    try:  # the one sure test (permissions, read-only mounts, /proc): open it for appending
+        with open(path, "a"):
+            pass
+    except OSError as error:
+        raise UsageError(f"{option} {path}: cannot write it: {error.strerror}") from None
+    if not existed:
+        os.remove(path)
 
 
 def check_plotting(path: str | None = None) -> str | None:

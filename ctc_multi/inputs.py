@@ -106,7 +106,7 @@ def in_namespace_of(xp, reference: Array, name: str, x) -> Array:
             if x.dtype.kind in "biuf":  # array_api_strict's device "no_float64", say
                 raise ValueError(f"{name} of dtype {x.dtype} cannot be put on the logits' device {device(reference)}: {error}") from error
             raise ValueError(f"{name} must hold numbers; got dtype {x.dtype}") from error
-    if device(x) == device(reference):
+    if device(x) == device(reference) or device(x) is None:  # None: a JAX tracer under vmap, which JAX places
         return plain_numpy(x)
     try:
         return xp.asarray(x, device=device(reference))

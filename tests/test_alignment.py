@@ -351,6 +351,17 @@ def test_posteriors_by_hand(xp):
     np.testing.assert_allclose(posteriors, expected, **TOLERANCE["float64"])
 
 
+def test_float32_posteriors_are_probabilities(xp):
+    """Peaky float32 logits (6 times a standard normal, 400 frames, 60 labels): rounding put
+    posteriors a few ulps outside [0, 1] (-6e-8, 1.000001), where their log is NaN."""
+    rng = np.random.default_rng(0)
+    problem = Problem(6 * rng.standard_normal((3, 400, 20)), np.zeros((3, 400)), rng.integers(1, 20, (3, 60)), np.zeros((3, 60)))
+    arrays, _ = to_backend(xp, problem, "float32")
+    posteriors = xp.to_numpy(ctc_multi.ctc_posteriors(*arrays))
+    assert posteriors.min() >= 0.0 and posteriors.max() <= 1.0
+    assert posteriors.max() > 0.99  # and not all zero: frames the labels hold
+
+
 def test_arrays_on_another_array_api_device():
     """array_api_strict's second device (standing in for a GPU namespace such as CuPy, whose
     arrays refuse np.asarray): merge_tokens reads forced_align's results there, and such labels
@@ -393,6 +404,29 @@ def test_a_sequence_whose_every_path_has_probability_zero_has_no_alignment(xp):
         else:
             assert tokens.tolist() == [expected]
             np.testing.assert_allclose(scores, -np.log([[2.0, 3.0, 2.0]]), rtol=1e-6)
+
+
+def test_a_nan_or_plus_inf_logit_on_a_valid_frame_leaves_no_alignment(xp):
+    """A NaN logit on a valid frame came back as a path that does not read the labels (labels
+    [4, 2], tokens all 2) with NaN scores; a +inf one as "no path" (-inf scores), as if a class
+    had probability 0. Neither frame has a softmax: now both give token -1 and score NaN on
+    every valid frame, as the loss is NaN. A NaN in a padded frame changes nothing, and the
+    batch's other sequences keep their paths."""
+    rng = np.random.default_rng(5)
+    logits = rng.standard_normal((4, 10, 5))
+    logits[0, 0, 0], logits[1, 3, 2], logits[3, 9, 1] = np.nan, np.inf, np.nan
+    paddings = np.zeros((4, 10))
+    paddings[:, 9] = [0, 0, 0, 1]
+    problem = Problem(logits, paddings, np.array([[4, 2], [1, 3], [2, 2], [1, 1]]), np.zeros((4, 2)))
+    arrays, _ = to_backend(xp, problem)
+    with np.errstate(invalid="ignore"):  # NumPy's log-softmax of the NaN frames
+        tokens, scores = (xp.to_numpy(r) for r in ctc_multi.forced_align(*arrays))
+    assert np.all(tokens[:2] == -1) and np.all(np.isnan(scores[:2]))
+    expected = Problem(*(a[2:] for a in problem))._replace(logits=np.where(np.isfinite(logits[2:]), logits[2:], 0.0))
+    expected_tokens, expected_scores = (xp.to_numpy(r) for r in ctc_multi.forced_align(*to_backend(xp, expected)[0]))
+    np.testing.assert_array_equal(tokens[2:], expected_tokens)
+    np.testing.assert_allclose(scores[2:], expected_scores, rtol=1e-12)
+    assert list(collapse(tokens[2], 0)) == [2, 2] and list(collapse(tokens[3][:9], 0)) == [1, 1]
 
 
 def test_a_valid_path_costing_more_than_minus_log_epsilon_still_wins(xp):

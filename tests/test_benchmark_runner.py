@@ -33,6 +33,25 @@ def test_each_mode_has_its_own_default_json():
     assert explicit.json == Path("elsewhere.json")
 
 
+def test_bad_output_paths_and_a_missing_gpu_are_refused_before_the_run(tmp_path, capsys):
+    """`--json DIR` and an unwritable `--plot` failed with a traceback after the whole run;
+    `--device cuda` without a GPU ran, timed nothing, checked no target, exited 0 and overwrote
+    latest.json."""
+    runner = load_runner()
+    for arguments, message in (
+        (["--json", str(tmp_path)], "is a directory"),
+        (["--plot", str(tmp_path / "missing" / "x.png")], "no such directory"),
+    ):
+        with pytest.raises(SystemExit) as stop:
+            runner.parse_args(arguments)
+        assert stop.value.code == 2 and message in capsys.readouterr().err
+    if any(runner._sees_a_gpu(framework) for framework in ("torch", "jax")):
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(SystemExit) as stop:
+        runner.parse_args(["--device", "cuda", "--backends", "numpy"])
+    assert stop.value.code == 2 and "neither torch nor jax sees a GPU" in capsys.readouterr().err
+
+
 def load_beside_runner(file_name: str):
     """A script of benchmarks/ (ab.py and floor.py import run.py from their folder), with run.py
     loaded first under the name such a script uses."""

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -45,6 +46,13 @@ def table_line(stdout: str, backend: str) -> str:
     lines = [line for line in stdout.splitlines() if line.startswith("│") and line.split("│")[1].strip() == backend]
     assert len(lines) == 1, f"no single table row for {backend!r} in:\n{stdout}"
     return lines[0]
+
+
+def nan_at(sequence: int, frame: int, value: float = np.nan) -> np.ndarray:
+    """The saved problem's logits with ``value`` at one class of a valid frame."""
+    logits = random_problem(Shape("tiny", B=3, T=24, K=6, N=5), seed=3, dtype="float32").logits.copy()
+    logits[sequence, frame, 2] = value
+    return logits
 
 
 def save_problem(path, **changes) -> None:
@@ -116,8 +124,12 @@ def test_input_file_with_padding_between_frames(tmp_path):
         (dict(logit_paddings=np.zeros((3, 23))), "logit_paddings must have shape (3, 24)"),
         (dict(labels=np.zeros((3, 5))), "labels must be an integer array"),
         (dict(blank_id=np.int64(6)), "blank_id must be in [0, K) = [0, 6)"),
+        # NaN or +inf on a valid frame: every row was "outside tolerance" (exit 1, blaming each
+        # backend), with NumPy warnings, and the reference check passed without that sequence.
+        (dict(logits=nan_at(1, 5)), "logits hold NaN or +inf on a valid frame (sequence 1, frame 5)"),
+        (dict(logits=nan_at(2, 0, np.inf)), "logits hold NaN or +inf on a valid frame (sequence 2, frame 0)"),
     ],
-    ids=["missing-key", "wrong-shape", "float-labels", "blank-out-of-range"],
+    ids=["missing-key", "wrong-shape", "float-labels", "blank-out-of-range", "nan-logit", "inf-logit"],
 )
 def test_broken_input_file_is_a_clear_error(tmp_path, changes, expected):
     save_problem(tmp_path / "bad.npz", **changes)
@@ -142,6 +154,27 @@ def test_a_sequence_without_alignment_passes_where_every_possible_one_agrees(tmp
     assert result.returncode == 0, result.stdout + result.stderr
     rows = {row["backend"]: row for row in json.loads((tmp_path / "out.json").read_text())["rows"]}
     assert rows["numpy"]["status"] == "ok" and rows["numpy"]["grad_max_abs_diff"] < 1e-4
+
+
+def test_an_archive_member_that_is_not_an_array(tmp_path):
+    """A zip member that np.load returns as bytes (no .npy header) crashed with a traceback."""
+    save_problem(tmp_path / "raw.npz")
+    with zipfile.ZipFile(tmp_path / "raw.npz", "a") as archive:
+        archive.writestr("blank_id", b"0")
+    for command in ("compare", "align"):
+        result = run_cli(command, "--input", "raw.npz", cwd=tmp_path)
+        assert result.returncode == 2 and "blank_id is not a .npy array" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_the_reference_check_runs_without_the_anchors(tmp_path):
+    """`--no-anchors` left out torch's anchor and, with it, the reference check, while the
+    README says the check runs where torch is installed and selected and sets the exit code."""
+    pytest.importorskip("torch")
+    result = run_cli("compare", "--backends", "torch", "--no-anchors", *TINY, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "ok" in table_line(result.stdout, compare.REFERENCE_CHECK)
+    assert not [line for line in result.stdout.splitlines() if line.startswith("│ torch F.ctc_loss")]  # no anchor row
 
 
 def test_input_that_is_not_an_npz(tmp_path):
@@ -176,6 +209,8 @@ sys.exit(main(["compare", "--backends", "numpy,torch", *{TINY!r}]))
     assert result.returncode == 0, result.stderr
     assert "not installed" in table_line(result.stdout, "torch")
     assert "not installed" in table_line(result.stdout, "torch F.ctc_loss")
+    # The extra, whose pin takes the CPU wheel; a bare `pip install torch` may pull a CUDA build.
+    assert "pip install 'ctc-multi[torch]'" in table_line(result.stdout, "torch")
 
 
 def test_nothing_checked_is_exit_code_1_and_no_torch_means_no_reference_check(tmp_path):
@@ -363,6 +398,7 @@ def test_no_cuda_device_is_unavailable(framework):
 
 
 def test_usage_errors_exit_2(tmp_path):
+    assert os.path.isdir("/proc")  # Linux: a directory where nobody, root included, creates files
     for args, expected in (
         (["--backends", "numpy,tensorflow"], "unknown backend 'tensorflow'"),
         (["--repeats", "0"], "must be a positive integer"),
@@ -371,10 +407,16 @@ def test_usage_errors_exit_2(tmp_path):
         (["--seed", "-1", "--backends", "numpy", "--no-anchors"], "argument --seed: must be a non-negative integer"),
         (["--plot", "times.txt", "--backends", "numpy", "--no-anchors"], "not .txt"),
         (["--json", "missing/out.json", "--backends", "numpy", "--no-anchors"], "--json missing/out.json: no such directory"),
+        # Found only after the whole run, which an exit code 2 then hid:
+        (["--json", ".", "--backends", "numpy", "--no-anchors"], "--json .: is a directory"),
+        (["--json", "/proc/ctc_multi_out.json", "--backends", "numpy", "--no-anchors"], "--json /proc/ctc_multi_out.json: cannot write it"),
+        (["--repeats", "abc"], "argument --repeats: must be a positive integer; got 'abc'"),  # was "invalid _positive_int value"
+        (["--batch", "100000", "--frames", "100000", "--classes", "1000", "--backends", "numpy"], "more than this machine can allocate"),
     ):
         result = run_cli("compare", *args, cwd=tmp_path)
         assert result.returncode == 2 and expected in result.stderr, (args, result.stderr)
         assert "Traceback" not in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr  # one line, no usage block
         assert "fwd+bwd" not in result.stdout, "refused before the run, not after it"
 
 

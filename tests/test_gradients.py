@@ -628,8 +628,8 @@ def test_torch_forward_mode_ad_carries_the_tangent():
 def test_torch_backward_of_the_sum_again_with_retain_graph():
     """torch: the gradient of ``loss.sum()`` (cotangent all ones) is handed back unscaled, the
     saved one itself. Backward passes over a retained graph must still agree with the reference
-    whatever the cotangent, accumulate in ``.grad``, and, once the returned gradient has been
-    changed in place, raise rather than return the changed numbers."""
+    whatever the cotangent, accumulate in ``.grad``, be tensors of their own, and, once the
+    returned gradient has been changed in place, raise rather than return the changed numbers."""
     torch = pytest.importorskip("torch")
     problem = random_problem(np.random.default_rng(91), 3, 6, 4, 3, frame_layout="middle")
     _, expected = ctc_reference(*problem)
@@ -644,6 +644,11 @@ def test_torch_backward_of_the_sum_again_with_retain_graph():
     np.testing.assert_allclose(of_sum.numpy(), expected, **tolerance)
     np.testing.assert_allclose(weighted.numpy(), expected * weights[:, None, None], **tolerance)
     np.testing.assert_allclose(again.numpy(), expected, **tolerance)
+    # Two results of backward passes over one graph are two tensors: `again` was `of_sum`
+    # itself, so that adding one into the other changed both.
+    again.add_(of_sum)
+    np.testing.assert_allclose(of_sum.numpy(), expected, **tolerance)
+    np.testing.assert_allclose(again.numpy(), 2 * expected, **tolerance)
 
     loss.sum().backward(retain_graph=True)
     loss.sum().backward(retain_graph=True)

@@ -11,7 +11,7 @@ import textwrap
 import numpy as np
 import pytest
 from conftest import TOLERANCE, installed
-from helpers import assert_log_probs_close, poison_padded_frames, random_problem, reference_forward_probs, run_in_fresh_python
+from helpers import assert_impossible, assert_log_probs_close, poison_padded_frames, random_problem, reference_forward_probs, run_in_fresh_python
 from reference import ctc_reference
 
 import ctc_multi
@@ -79,6 +79,30 @@ def test_vmap_over_a_leading_axis(jax_x64):
         expected_blank, expected_nonblank = reference_forward_probs(*problem, blank_id=BLANK_ID)
         assert_log_probs_close(np.asarray(blank[v]), expected_blank, **TOLERANCE["float64"])
         assert_log_probs_close(np.asarray(nonblank[v]), expected_nonblank, **TOLERANCE["float64"])
+
+
+def test_vmap_over_labels_or_paddings_beside_unbatched_logits(jax_x64):
+    """One utterance's logits scored against several candidate transcripts: vmap over the
+    labels (or the paddings) alone crashed outside jit (the vmapped argument's device is
+    unknown, and it was moved through NumPy)."""
+    jax = jax_x64
+    problem = problem_for(204)
+    candidates = [np.where(problem_for(seed).labels < 0, 1, problem_for(seed).labels) for seed in (205, 206)]  # valid where 204 reads them
+    logits = jax.numpy.asarray(problem.logits)
+    over_labels = jax.vmap(lambda labels: ctc_multi.ctc_loss(logits, problem.logit_paddings, labels, problem.label_paddings, blank_id=BLANK_ID))
+    losses = over_labels(jax.numpy.asarray(np.stack(candidates)))
+    for v, labels in enumerate(candidates):
+        expected = ctc_reference(*problem._replace(labels=labels), blank_id=BLANK_ID)[0]
+        possible = np.isfinite(expected)  # too few frames for a candidate: about -log_epsilon
+        np.testing.assert_allclose(np.asarray(losses[v])[possible], expected[possible], **TOLERANCE["float64"])
+        assert_impossible(np.asarray(losses[v])[~possible])
+    tokens, _ = jax.vmap(lambda labels: ctc_multi.forced_align(logits, problem.logit_paddings, labels, problem.label_paddings, blank_id=BLANK_ID))(jax.numpy.asarray(np.stack(candidates)))
+    np.testing.assert_array_equal(np.asarray(tokens[1]), np.asarray(ctc_multi.forced_align(logits, problem.logit_paddings, candidates[1], problem.label_paddings, blank_id=BLANK_ID)[0]))
+    paddings = np.stack([problem.logit_paddings, np.zeros_like(problem.logit_paddings)])
+    losses = jax.vmap(lambda padded: ctc_multi.ctc_loss(logits, padded, problem.labels, problem.label_paddings, blank_id=BLANK_ID))(jax.numpy.asarray(paddings))
+    for v, padded in enumerate(paddings):
+        expected = ctc_reference(*problem._replace(logit_paddings=padded), blank_id=BLANK_ID)[0]
+        np.testing.assert_allclose(np.asarray(losses[v]), expected, **TOLERANCE["float64"])
 
 
 @pytest.mark.parametrize("function", FUNCTIONS, ids=FUNCTION_IDS)

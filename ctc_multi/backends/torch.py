@@ -78,8 +78,13 @@ class _ExplicitGradient(torch.autograd.Function):
     def backward(ctx, cotangent):
         anchor, *residuals = ctx.saved_tensors
         gradient = ctx.backward_function(tuple(residuals), cotangent)
-        if gradient is residuals[0] and not ctx.hand_back_saved:  # is_all_ones's shortcut
-            gradient = gradient.clone()
+        if gradient is residuals[0]:  # is_all_ones's shortcut
+            if not ctx.hand_back_saved:
+                gradient = gradient.clone()
+            # Once only: a second backward over the graph (retain_graph) that handed back the
+            # same tensor again made two torch.autograd.grad results one tensor, so that adding
+            # one into the other changed both.
+            ctx.hand_back_saved = False
         if torch.is_grad_enabled():
             # create_graph=True: an outer derivative with respect to the logits (a gradient
             # penalty, a Hessian) would read this gradient's own derivative, which autograd
