@@ -125,8 +125,9 @@ class _Problem:
         """(B,) loss and, as the one residual the backward pass needs, the (B, T, K) gradient of
         each sequence's loss, from the occupancies of the backend's ``forward_and_occupancy``:
         NumPy, and JAX on a CPU, record each state's shares in the forward scan that gives the
-        loss and turn them into occupancies with one reverse scan of multiplies and adds; torch,
-        and JAX elsewhere, scan the lattice and its mirror image at once (``forward_and_occupancy_by_shares`` and
+        loss and turn them into occupancies with one reverse scan of multiplies and adds; torch's
+        own ops (CUDA; on a CPU torch runs NumPy's loop), and JAX elsewhere, scan the lattice and
+        its mirror image at once (``forward_and_occupancy_by_shares`` and
         ``forward_and_occupancy_by_mirror`` in :mod:`ctc_multi.lattice`). ``scale`` (B,), if
         given, multiplies each sequence's gradient as it is made."""
         xp = self.xp

@@ -623,6 +623,11 @@ def test_torch_forward_mode_ad_carries_the_tangent():
             carried = forward_ad.unpack_dual(loss).tangent
             assert carried is not None
             np.testing.assert_allclose(carried.numpy(), expected, **TOLERANCE["float64"])
+        carried = forward_ad.unpack_dual(ctc_multi.ctc_loss(dual, *rest, reduction="sum")).tangent
+        np.testing.assert_allclose(carried.numpy(), expected.sum(), **TOLERANCE["float64"])
+        label_lengths = np.maximum((problem.label_paddings == 0).sum(axis=1), 1)
+        carried = forward_ad.unpack_dual(ctc_multi.ctc_loss(dual, *rest, reduction="mean")).tangent
+        np.testing.assert_allclose(carried.numpy(), (expected / label_lengths).mean(), **TOLERANCE["float64"])
 
 
 def test_torch_backward_of_the_sum_again_with_retain_graph():

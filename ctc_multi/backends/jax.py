@@ -173,8 +173,8 @@ gather_states = gather_states_by_take  # XLA's gather from the time-major view i
 # The gradient's occupancies by platform (see ctc_multi.lattice). On a CPU XLA is bound by the
 # exp and log of each lattice cell, which the mirror image doubles: forward+backward 1.2x to 2x
 # slower with it on `char`, `bpe`, `long`. On a GPU each loop step costs launches, and the mirror
-# image's one scan replaces the shares' two (H100, forward+backward against optax: 6.8x, 11.6x,
-# 6.6x on char, long, big, where the shares gave 2.2x, 3.0x, 5.1x; README, Performance).
+# image's one scan replaces the shares' two (H100, forward+backward against optax: 6.9x, 11.2x,
+# 6.5x on char, long, big, where the shares gave 1.9x, 1.3x, 2.3x in the same run; README, Performance).
 OCCUPANCY = {"cpu": forward_and_occupancy_by_shares}
 OCCUPANCY_ELSEWHERE = forward_and_occupancy_by_mirror
 
