@@ -13,7 +13,7 @@ from __future__ import annotations
 import operator
 from typing import Any
 
-from array_api_compat import device, is_numpy_namespace
+from array_api_compat import device, is_jax_namespace, is_numpy_namespace
 
 from .backends import backend_for, index_dtype
 from .inputs import _as_padding_mask, in_namespace_of, namespace_of, unsigned_in_index_dtype
@@ -81,6 +81,14 @@ def _in_range(xp, name: str, lengths: Array, upper: int | None, upper_name: str 
     return xp.astype(lengths, wide)
 
 
+def _device_for_positions(xp, x: Array):
+    """Where to make a range of positions that is combined with ``x``: ``x``'s device, except in
+    JAX, where that may be a batch sharding (the positions axis was then sharded over the batch's
+    devices: refused where they do not divide it, and a (B, T) result sharded along T), and an
+    unplaced range goes where ``x`` is."""
+    return None if is_jax_namespace(xp) else device(x)
+
+
 def _is_real_dtype(xp, dtype) -> bool:
     try:
         if is_numpy_namespace(xp):
@@ -128,7 +136,7 @@ def lengths_to_paddings(lengths: Array, max_len: int, *, dtype=None) -> Array:
     lengths = _in_range(xp, "lengths", lengths, max_len, "max_len")
     if dtype is not None and not _is_real_dtype(xp, dtype):
         raise ValueError(f"dtype must be a bool, integer or real floating dtype of the lengths' namespace, {xp.__name__}; got {dtype!r}")
-    positions = xp.arange(max_len, dtype=lengths.dtype, device=device(lengths))
+    positions = xp.arange(max_len, dtype=lengths.dtype, device=_device_for_positions(xp, lengths))
     padded = positions[None, :] >= lengths[:, None]
     return xp.astype(padded, xp.float32 if dtype is None else dtype)
 
@@ -178,7 +186,7 @@ def _concatenated_to_padded(xp, targets: Array, target_lengths: Array, width: in
     """(sum(lengths),) concatenated targets -> (B, width) right-padded ones (padding holds target 0)."""
     lengths = xp.astype(target_lengths, index_dtype)
     starts = xp.cumulative_sum(lengths) - lengths
-    positions = starts[:, None] + xp.arange(width, dtype=index_dtype, device=device(targets))[None, :]
+    positions = starts[:, None] + xp.arange(width, dtype=index_dtype, device=_device_for_positions(xp, targets))[None, :]
     if targets.shape[0] == 0:
         return xp.zeros(positions.shape, dtype=targets.dtype, device=device(targets))
     positions = xp.clip(positions, 0, targets.shape[0] - 1)

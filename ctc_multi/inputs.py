@@ -118,6 +118,16 @@ def in_namespace_of(xp, reference: Array, name: str, x) -> Array:
         return in_namespace_of(xp, reference, name, values)
 
 
+def _placed_like(backend, logits: Array, name: str, x: Array) -> Array:
+    try:
+        return backend.placed_like(x, logits)
+    except Exception as error:  # JAX: traced without the mesh that reshard needs
+        raise ValueError(
+            f"{name} must be sharded along its batch axis as the logits are (their mesh has explicit axes): "
+            f"pass it so (jax.device_put with the logits' batch PartitionSpec), or call under jax.set_mesh(mesh); {error}"
+        ) from error
+
+
 def _within_integers_of(xp, x):
     """A NumPy integer array whose values ``xp`` would wrap (int64 into JAX's int32 without
     ``jax_enable_x64``: 2**32 + 1 read as 1) clipped to the integers it holds: every such value
@@ -237,6 +247,9 @@ def check_inputs(logits, logit_paddings, labels, label_paddings, *, blank_id, lo
     logit_paddings = in_namespace_of(xp, logits, "logit_paddings", logit_paddings)
     labels = in_namespace_of(xp, logits, "labels", labels)
     label_paddings = in_namespace_of(xp, logits, "label_paddings", label_paddings)
+    logit_paddings, labels, label_paddings = (
+        _placed_like(backend, logits, name, x) for name, x in (("logit_paddings", logit_paddings), ("labels", labels), ("label_paddings", label_paddings))
+    )
 
     _check_rank("logits", logits, 3, "(B, T, K)")
     _check_rank("labels", labels, 2, "(B, N)")

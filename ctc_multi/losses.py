@@ -69,7 +69,8 @@ class _Problem:
         views = self.backend.numpy_views(arrays)
         if views is None:
             return function(self, *arrays)
-        return tree_map(self.backend.from_numpy, function(self.on_numpy(), *views))
+        on_numpy = self.on_numpy()  # run as NumPy's adapter runs its functions (its error state)
+        return tree_map(self.backend.from_numpy, on_numpy.backend.compiled(function, 1)(on_numpy, *views))
 
     def lattice(self, logits, logit_padded, labels, label_padded, *, differentiable=True):
         """The lattice; ``differentiable=False`` where no autodiff runs through it (a faster

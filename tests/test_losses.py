@@ -412,6 +412,25 @@ def test_torch_meta_tensors_give_shapes_without_values():
         ctc_multi.ctc_loss(torch.zeros(2, 6, 4), paddings, np.ones((2, 3), dtype=np.int64), np.zeros((2, 3)))
 
 
+def test_results_do_not_depend_on_numpys_error_state(xp):
+    """The recursion's exp of "log 0" underflows to 0 by design: a caller's np.seterr(under=
+    "raise") made every call on NumPy arrays and CPU torch tensors (which run NumPy's loop)
+    raise FloatingPointError. Padded frames and a -inf class included."""
+    problem = standard_problem(23, frame_layout="middle")
+    problem = problem._replace(logits=np.where(np.arange(SHAPE["K"]) == 4, -np.inf, problem.logits))
+    arrays, _ = to_backend(xp, problem, "float32")
+    expected = [xp.to_numpy(r) for r in ctc_multi.ctc_loss_and_grad(*arrays)]
+    with np.errstate(under="raise"):
+        got = [xp.to_numpy(r) for r in ctc_multi.ctc_loss_and_grad(*arrays)]
+        for function in (ctc_multi.ctc_loss, ctc_multi.ctc_loss_with_forward_probs, ctc_multi.ctc_posteriors, ctc_multi.forced_align):
+            function(*arrays)
+        if xp.name.startswith("torch"):
+            logits = arrays[0].clone().requires_grad_(True)
+            ctc_multi.ctc_loss(logits, *arrays[1:], reduction="mean").backward()
+    for a, b in zip(got, expected):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_logits_wider_than_float64_are_refused():
     """NumPy's longdouble was computed in float32; it is refused, naming logits."""
     if np.dtype(np.longdouble).itemsize <= 8:

@@ -179,7 +179,37 @@ MIXED_DEVICES_CHILD = textwrap.dedent(
         sharded = jax.device_put(jnp.asarray(logits), NamedSharding(mesh, P("batch")))
         loss = ctc_multi.ctc_loss(sharded, logit_paddings, jax.device_put(jnp.asarray(labels), first), label_paddings)
         results[kind] = dict(value=np.asarray(loss).tolist(), batch_sharded=loss.sharding.is_equivalent_to(NamedSharding(mesh, P("batch")), 1))
-    print(json.dumps(dict(expected=np.asarray(expected).tolist(), results=results)))
+    # The gradient, with NumPy, torch-free and unplaced JAX arguments beside explicit-axes
+    # logits: ops refused to mix them with the batch-sharded logits ("Incompatible types for
+    # matmul", "All operands should have the same sharding") under jax.grad and jax.jit.
+    expected_gradient = jax.grad(lambda x: ctc_multi.ctc_loss(x, logit_paddings, labels, label_paddings).sum())(jnp.asarray(logits))
+    mesh = jax.make_mesh((4,), ("batch",), axis_types=(AxisType.Explicit,))
+    sharded = jax.device_put(jnp.asarray(logits), NamedSharding(mesh, P("batch")))
+    gradients = {}
+    for form, convert in (("numpy", np.asarray), ("unplaced jax", jnp.asarray)):
+        others = [convert(a) for a in (logit_paddings, labels, label_paddings)]
+        summed = lambda x: ctc_multi.ctc_loss(x, *others).sum()
+        with jax.set_mesh(mesh):
+            for way, function in (("grad", jax.grad(summed)), ("jit of grad", jax.jit(jax.grad(summed)))):
+                gradient = function(sharded)
+                gradients[f"{form}, {way}"] = dict(
+                    difference=float(np.abs(np.asarray(gradient) - np.asarray(expected_gradient)).max()),
+                    batch_sharded=jax.typeof(gradient).sharding.spec[0] == "batch",
+                )
+        try:  # traced without the mesh that resharding needs: an error that says what to do
+            jax.jit(jax.grad(summed))(sharded)
+            gradients[f"{form}, no mesh"] = "no error"
+        except ValueError as error:
+            gradients[f"{form}, no mesh"] = str(error)
+    # lengths_to_paddings of batch-sharded lengths, eagerly: its positions were sharded over the
+    # batch's devices (refused for 21 positions on 4 devices; a (B, T) result sharded along T)
+    lengths = np.array([3, 1, 21, 0, 5, 7, 9, 2], np.int32)
+    paddings = {}
+    for kind in ("Auto", "Explicit"):
+        mesh = jax.make_mesh((4,), ("batch",), axis_types=(getattr(AxisType, kind),))
+        made = ctc_multi.lengths_to_paddings(jax.device_put(lengths, NamedSharding(mesh, P("batch"))), 21)
+        paddings[kind] = dict(valid=np.asarray(made == 0).sum(axis=1).tolist(), batch_sharded=made.sharding.is_equivalent_to(NamedSharding(mesh, P("batch")), 2))
+    print(json.dumps(dict(expected=np.asarray(expected).tolist(), results=results, gradients=gradients, paddings=paddings)))
     """
 )
 
@@ -188,7 +218,10 @@ def test_arguments_on_other_devices_than_the_logits():
     """Labels and paddings committed to another JAX device than the logits crashed (JAX's
     "incompatible devices", naming no argument), and NumPy paddings beside logits sharded over a
     mesh with explicit axes were refused as "must hold numbers". Both are converted by value
-    (README, Examples): the same losses, and the logits' batch sharding kept."""
+    (README, Examples): the same losses, and the logits' batch sharding kept. Beside explicit-axes
+    logits they are also sharded like them, so that their gradient works (under jax.set_mesh,
+    which JAX requires there; without it, an error saying so); and lengths_to_paddings keeps the
+    lengths' batch sharding."""
     environment = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES}", JAX_PLATFORMS="cpu")
     done = subprocess.run([sys.executable, "-c", MIXED_DEVICES_CHILD], capture_output=True, text=True, env=environment)
     assert done.returncode == 0, f"the run failed:\n{done.stderr[-4000:]}"
@@ -197,3 +230,11 @@ def test_arguments_on_other_devices_than_the_logits():
         np.testing.assert_allclose(result["value"], output["expected"], **TOLERANCE["float32"], err_msg=name)
     assert output["results"]["committed elsewhere"]["devices"] == [0]
     assert output["results"]["Auto"]["batch_sharded"] and output["results"]["Explicit"]["batch_sharded"]
+    for name, result in output["gradients"].items():
+        if name.endswith("no mesh"):
+            assert result.startswith("logit_paddings must be sharded along its batch axis as the logits are"), (name, result)
+            assert "jax.set_mesh" in result
+        else:
+            assert result["difference"] < 1e-6 and result["batch_sharded"], (name, result)
+    for kind, result in output["paddings"].items():
+        assert result["valid"] == [3, 1, 21, 0, 5, 7, 9, 2] and result["batch_sharded"], (kind, result)

@@ -52,7 +52,10 @@ Each adapter module provides:
   where the framework would otherwise count their derivative as zero without a word (JAX's
   stop_gradient); where it raises by itself (torch: they do not require grad), ``outputs``;
 * ``compiled(function, num_static)``: ``function`` compiled for its first ``num_static``
-  (hashable) arguments where the framework compiles (``jax.jit``), else ``function`` itself.
+  (hashable) arguments where the framework compiles (``jax.jit``), else ``function`` itself;
+* ``placed_like(x, logits)``: an argument ``x`` with a leading batch axis, placed as the logits'
+  batch axis is where the framework types arrays by their sharding (JAX meshes with explicit
+  axes, where ops refuse to mix a batch-sharded array with a replicated one), else ``x``.
 """
 
 from __future__ import annotations
@@ -85,6 +88,7 @@ ADAPTER_NAMES = (
     "detach",
     "refuse_derivatives",
     "compiled",
+    "placed_like",
 )
 
 

@@ -237,3 +237,23 @@ def refuse_derivatives(logits, outputs, message):
 def compiled(function, num_static):
     """``function`` compiled once per static setting, so eager calls don't dispatch op by op."""
     return jax.jit(function, static_argnums=tuple(range(num_static)))
+
+
+def placed_like(x, logits):
+    """``x`` sharded along its first axis as the logits' batch axis is, where that axis is
+    sharded over a mesh axis of type Explicit (only those are part of an array's type): NumPy,
+    torch or unplaced JAX labels beside such logits made ``jax.grad`` and, under
+    ``jax.set_mesh``, ``jax.jit`` refuse to mix them ("All operands should have the same
+    sharding"). Eagerly with the logits' concrete mesh; traced, with the mesh of the caller's
+    ``jax.set_mesh``, which JAX requires there (without one, its error says so)."""
+    batch = getattr(getattr(jax.typeof(logits), "sharding", None), "spec", None)
+    batch = batch[0] if batch else None
+    if batch is None or x.ndim == 0:
+        return x
+    own = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+    if own and own[0] == batch:
+        return x
+    spec = jax.sharding.PartitionSpec(batch)
+    if isinstance(logits, jax.core.Tracer):
+        return jax.sharding.reshard(x, spec)
+    return jax.device_put(x, jax.sharding.NamedSharding(logits.sharding.mesh, spec))

@@ -210,3 +210,7 @@ def refuse_derivatives(logits, outputs, message):
 
 def compiled(function, num_static):
     return function  # runs op by op; nothing to compile
+
+
+def placed_like(x, logits):
+    return x  # in_namespace_of put it on the logits' device
