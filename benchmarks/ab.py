@@ -46,8 +46,9 @@ DEFAULT_SHAPES = ("char", "bpe", "long", "vocab5k")
 def import_at(revision: str, repository: Path = HERE.parent) -> ModuleType:
     """The ctc_multi package as it was at ``revision``, imported as ``ctc_multi_at_<commit>``."""
     found = subprocess.run(["git", "rev-parse", "--short", "--verify", "--quiet", f"{revision}^{{commit}}"], cwd=repository, capture_output=True, text=True)
-    if found.returncode != 0:
-        raise SystemExit(f"ab.py: error: --against {revision}: not a commit of {repository}")
+    if found.returncode != 0:  # a usage error: exit code 2, as argparse's
+        print(f"ab.py: error: --against {revision}: not a commit of {repository}", file=sys.stderr)
+        raise SystemExit(2)
     commit = found.stdout.strip()
     archive = subprocess.run(["git", "archive", commit, "ctc_multi"], cwd=repository, capture_output=True, check=True).stdout
     folder = Path(tempfile.mkdtemp(prefix="ctc_multi_ab_"))

@@ -90,6 +90,8 @@ def _device_for_positions(xp, x: Array):
 
 
 def _is_real_dtype(xp, dtype) -> bool:
+    if dtype in (bool, int, float):  # Python's types: every namespace's astype takes them
+        return True
     try:
         if is_numpy_namespace(xp):
             import numpy as np

@@ -71,7 +71,7 @@ def plain_numpy(x):
     x = np.asarray(x)
     if not x.dtype.isnative:
         x = x.astype(x.dtype.newbyteorder("="))
-    if x.dtype.kind == "V":
+    if x.dtype.kind == "V" or x.dtype.type.__module__ == "ml_dtypes":  # float8_e5m2 is of kind "f"
         x = x.astype(np.int64 if x.dtype.name.startswith(("int", "uint")) else np.float32)
     return x
 

@@ -84,6 +84,8 @@ def test_lengths_to_paddings_refuses_another_frameworks_dtype():
             ctc_multi.lengths_to_paddings(torch.tensor(LENGTHS), 5, dtype=np.float64)
         with pytest.raises(ValueError, match="^dtype must be"):
             ctc_multi.lengths_to_paddings(LENGTHS, 5, dtype=torch.float64)
+        for python_type, expected in ((float, torch.float64), (int, torch.int64), (bool, torch.bool)):  # taken before the check
+            assert ctc_multi.lengths_to_paddings(torch.tensor(LENGTHS), 5, dtype=python_type).dtype == expected
 
 
 def test_lengths_and_paddings_under_jax_jit(jax_x64):

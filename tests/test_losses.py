@@ -355,10 +355,11 @@ def test_numpy_bfloat16_logits():
     float32, as torch's and JAX's bfloat16 are: the same losses as their float32 values."""
     ml_dtypes = pytest.importorskip("ml_dtypes")
     problem = standard_problem(20, frame_layout="middle")
-    narrow = problem.logits.astype(ml_dtypes.bfloat16)
-    loss = ctc_multi.ctc_loss(narrow, *problem[1:])
-    assert loss.dtype == np.float32
-    np.testing.assert_allclose(loss, ctc_multi.ctc_loss(narrow.astype(np.float32), *problem[1:]), rtol=0, atol=0)
+    for narrow_dtype in (ml_dtypes.bfloat16, ml_dtypes.float8_e5m2):  # the second crashed after a change (kind "f")
+        narrow = problem.logits.astype(narrow_dtype)
+        loss = ctc_multi.ctc_loss(narrow, *problem[1:])
+        assert loss.dtype == np.float32
+        np.testing.assert_allclose(loss, ctc_multi.ctc_loss(narrow.astype(np.float32), *problem[1:]), rtol=0, atol=0)
 
 
 @pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")  # np.asmatrix
@@ -384,6 +385,8 @@ def test_numpy_arrays_in_any_layout_numpy_can_make(xp):
 
         assert problem.labels.max() < 8  # int4 holds them
         forms["ml_dtypes"] = (problem.logit_paddings.astype(ml_dtypes.bfloat16), problem.labels.astype(ml_dtypes.int4), problem.label_paddings.astype(ml_dtypes.float8_e4m3fn))
+        # float8_e5m2, unlike the others, has NumPy's kind "f", which NumPy's isdtype refuses
+        forms["float8_e5m2"] = (problem.logit_paddings.astype(ml_dtypes.float8_e5m2), problem.labels, problem.label_paddings.astype(ml_dtypes.float8_e5m2))
     for name, others in forms.items():
         loss = ctc_multi.ctc_loss(logits, *others)
         xp.check_type(loss)
