@@ -94,7 +94,7 @@ def in_namespace_of(xp, reference: Array, name: str, x) -> Array:
             raise ValueError(f"{name} must be an array, a list or a tuple; got {type(x).__name__} ({error})") from error
         try:
             x = _within_integers_of(xp, x)
-            return xp.asarray(x, device=device(reference))
+            return xp.asarray(x, device=_where_to_put(reference))
         except Exception as error:  # strings, objects: torch cannot hold them
             if x.dtype.kind == "f" and x.dtype.itemsize < 4:  # a namespace without float16 (array_api_strict)
                 return xp.asarray(x.astype(np.float32), device=device(reference))  # exactly
@@ -116,6 +116,14 @@ def in_namespace_of(xp, reference: Array, name: str, x) -> Array:
         except Exception as error:  # torch's meta device: shapes without values
             raise ValueError(f"{name} cannot be read onto the logits' device {device(reference)}: {error}") from error
         return in_namespace_of(xp, reference, name, values)
+
+
+def _where_to_put(reference: Array):
+    """The device for an argument converted beside ``reference``: its device, or none for a JAX
+    array that is not committed to one (a plain ``jnp.asarray``), so that the converted array is
+    not committed either. Committed, it made ``jax.jit`` compile the same shapes once more than
+    beside uncommitted JAX arguments (1 to 2 s a shape)."""
+    return None if getattr(reference, "committed", True) is False else device(reference)
 
 
 def _placed_like(backend, logits: Array, name: str, x: Array) -> Array:

@@ -105,6 +105,23 @@ def test_vmap_over_labels_or_paddings_beside_unbatched_logits(jax_x64):
         np.testing.assert_allclose(np.asarray(losses[v]), expected, **TOLERANCE["float64"])
 
 
+def test_numpy_arguments_beside_uncommitted_logits_stay_uncommitted(jax_x64):
+    """NumPy labels and paddings were converted committed to the logits' device, so that the
+    same shapes compiled once more than with plain jnp ones (jit caches by committedness: 1 to 2 s
+    a shape, reported by a review). Beside uncommitted logits they are uncommitted; beside
+    committed ones, committed to the same device."""
+    jax = jax_x64
+    from ctc_multi.inputs import in_namespace_of
+
+    xp = jax.numpy
+    labels = np.array([[1, 2]])
+    plain = xp.zeros((1, 3, 4))
+    committed = jax.device_put(plain, jax.devices()[0])
+    assert not in_namespace_of(xp, plain, "labels", labels).committed
+    converted = in_namespace_of(xp, committed, "labels", labels)
+    assert converted.committed and converted.devices() == committed.devices()
+
+
 @pytest.mark.parametrize("function", FUNCTIONS, ids=FUNCTION_IDS)
 def test_grad(jax_x64, function):
     jax = jax_x64
