@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .inputs import as_blank_id, as_numpy, check_inputs
-from .lattice import MaxSemiring, log_softmax_of_classes
+from .lattice import MaxSemiring, frames_without_softmax, log_softmax_of_classes
 from .losses import DEFAULT_LOG_EPSILON, _Problem
 
 Array = Any
@@ -105,7 +105,6 @@ def _forced_align(problem: _Problem, logits, *others):
 
 def _forced_align_here(problem: _Problem, *arrays):
     xp, scan = problem.xp, problem.backend.scan
-    logits, frame_padded = arrays[0], arrays[1]
     lattice = problem.lattice(*arrays)
     final, (_, choices) = problem.recursion(lattice, semiring=MaxSemiring)
 
@@ -128,10 +127,9 @@ def _forced_align_here(problem: _Problem, *arrays):
     scores = log_softmax_of_classes(xp, lattice, classes)
 
     padded = lattice.logit_padded
-    # A NaN or +inf logit on a valid frame leaves that frame no softmax (its scores NaN, or -inf
-    # beside a NaN for +inf), so no path to compare: no alignment either, its scores NaN.
-    no_softmax = xp.any(xp.isnan(logits) | (logits == math.inf), axis=2) & ~frame_padded
-    undefined = xp.any(no_softmax, axis=1)
+    # A valid frame without a softmax (a NaN or +inf logit) leaves no path to compare: no
+    # alignment either, its scores NaN.
+    undefined = xp.any(frames_without_softmax(xp, arrays[0], padded), axis=1)
     infeasible = ~(aligned & ~undefined)[:, None]
     tokens = xp.astype(classes, xp.int32)
     tokens = xp.where(padded | infeasible, xp.full_like(tokens, -1), tokens)

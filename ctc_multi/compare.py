@@ -26,7 +26,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .inputs import check_inputs
-from .lattice import EMISSION_FLOOR, log_softmax
+from .lattice import EMISSION_FLOOR, frames_without_softmax, log_softmax
 from .losses import DEFAULT_LOG_EPSILON, ctc_loss, ctc_loss_and_grad
 from .shapes import Problem, Shape, random_problem
 
@@ -142,7 +142,7 @@ def load_case(path: str, *, dtype: str | None) -> Case:
         check_inputs(*problem, blank_id=int(blank_id), log_epsilon=DEFAULT_LOG_EPSILON)
     except ValueError as error:
         raise UsageError(f"{path}: {error}") from None
-    no_softmax = np.any(np.isnan(problem.logits) | (problem.logits == np.inf), axis=2) & (problem.logit_paddings == 0)
+    no_softmax = frames_without_softmax(np, problem.logits, problem.logit_paddings != 0)
     if np.any(no_softmax):
         sequence, frame = (int(i[0]) for i in np.nonzero(no_softmax))
         raise UsageError(

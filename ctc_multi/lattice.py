@@ -309,6 +309,13 @@ def finite_peak(xp, logits: Array) -> Array:
     return xp.where(xp.isfinite(peak), peak, xp.zeros_like(peak))
 
 
+def frames_without_softmax(xp, logits: Array, logit_padded: Array) -> Array:
+    """(B, T, K) logits, (B, T) bool padding -> (B, T) True on the valid frames that have no
+    softmax: a NaN or a +inf logit (every class's log-probability is then NaN, or -inf beside
+    a NaN)."""
+    return xp.any(xp.isnan(logits) | (logits == math.inf), axis=2) & ~logit_padded
+
+
 def log_softmax(xp, logits: Array) -> Array:
     """(…, K) -> (…, K) log-softmax over the last axis, safe for rows that are all -inf."""
     return subtract_log_total(xp, logits - finite_peak(xp, logits)[..., None])
