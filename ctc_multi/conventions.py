@@ -16,7 +16,7 @@ from typing import Any
 from array_api_compat import device, is_jax_namespace, is_numpy_namespace
 
 from .backends import backend_for, index_dtype
-from .inputs import _as_padding_mask, in_namespace_of, namespace_of, unsigned_in_index_dtype
+from .inputs import _as_padding_mask, first_offender, in_namespace_of, namespace_of, unsigned_in_index_dtype
 from .losses import DEFAULT_LOG_EPSILON, ctc_loss
 
 Array = Any
@@ -66,6 +66,7 @@ def _in_range(xp, name: str, lengths: Array, upper: int | None, upper_name: str 
     hold ``upper`` (int8 lengths against 130 frames): then no length can exceed it, and the
     conversion after the check is exact."""
     wide = index_dtype(xp)
+    given = lengths  # for the error message: a length past int64's largest turns negative below
     lengths = unsigned_in_index_dtype(xp, lengths)
     # Without an upper bound, one below the index dtype's largest: a wider length beside JAX
     # logits without x64 arrives clipped to that largest (inputs._within_integers_of) and is
@@ -75,9 +76,10 @@ def _in_range(xp, name: str, lengths: Array, upper: int | None, upper_name: str 
     if xp.iinfo(lengths.dtype).max > limit:
         outside = outside | (lengths > limit)
     if _violated(xp, outside):
+        got = first_offender(name, outside, given)
         if upper is None:
-            raise ValueError(f"{name} must be non-negative (and at most {limit})")
-        raise ValueError(f"{name} must lie in [0, {upper_name}] = [0, {upper}]")
+            raise ValueError(f"{name} must be non-negative (and at most {limit}){got}")
+        raise ValueError(f"{name} must lie in [0, {upper_name}] = [0, {upper}]{got}")
     return xp.astype(lengths, wide)
 
 

@@ -170,6 +170,28 @@ def as_numpy(x):
     return plain_numpy(x)
 
 
+def first_true(bad: Array) -> tuple[int, ...]:
+    """The index of the first True of a concrete boolean array that holds one (row-major)."""
+    import numpy as np
+
+    return tuple(int(i) for i in np.argwhere(np.atleast_1d(as_numpy(bad)))[0])
+
+
+def first_offender(name: str, bad: Array, values: Array) -> str:
+    """For an error message: where the first True of a concrete (boolean) check lies, and the
+    value of ``values`` there ("; got 4 at labels[0, 1]"). An integer at its dtype's limit may
+    stand for a wider one clipped on the way in (``_within_integers_of``), and is written so."""
+    import numpy as np
+
+    where = first_true(bad)
+    at = f"{name}[{', '.join(map(str, where))}]"
+    held = np.atleast_1d(as_numpy(values))
+    value = held[where].item()
+    if held.dtype.kind in "iu" and value in (np.iinfo(held.dtype).min, np.iinfo(held.dtype).max):
+        return f"; got {value} or beyond ({held.dtype}'s limit) at {at}"
+    return f"; got {value!r} at {at}"
+
+
 def unsigned_in_index_dtype(xp, x: Array) -> Array:
     """Unsigned integers no wider than the namespace's index dtype, converted to it (torch has
     few ops for uint16 and wider): exactly, or at the same width a value past the index dtype's
@@ -205,8 +227,8 @@ def _as_padding_mask(xp, name: str, paddings: Array, concrete: bool) -> Array:
         return paddings
     if not (xp.isdtype(paddings.dtype, "integral") or xp.isdtype(paddings.dtype, "real floating")):
         raise ValueError(f"{name} must hold 0/1 values as bool, int or float; got dtype {paddings.dtype}")
-    if concrete and bool(xp.any((paddings != 0) & (paddings != 1))):
-        raise ValueError(f"{name} must contain only 0 (valid) and 1 (padded)")
+    if concrete and bool(xp.any(bad := (paddings != 0) & (paddings != 1))):
+        raise ValueError(f"{name} must contain only 0 (valid) and 1 (padded){first_offender(name, bad, paddings)}")
     return paddings != 0
 
 
@@ -275,6 +297,7 @@ def check_inputs(logits, logit_paddings, labels, label_paddings, *, blank_id, lo
     log_epsilon = _as_log_epsilon(log_epsilon, lowest_log_epsilon(xp, dtype))
     if not xp.isdtype(labels.dtype, "integral"):
         raise ValueError(f"labels must be an integer array; got dtype {labels.dtype}")
+    given_labels = labels  # for the error message: a label past int64's largest turns negative below
     labels = unsigned_in_index_dtype(xp, labels)  # a label past int64's largest: refused as outside [0, K)
     if xp.iinfo(labels.dtype).max < num_classes:
         # The lattice puts blank_id and K - 1 beside the labels: widen (exactly) so they fit.
@@ -284,7 +307,7 @@ def check_inputs(logits, logit_paddings, labels, label_paddings, *, blank_id, lo
     logit_padded = _as_padding_mask(xp, "logit_paddings", logit_paddings, concrete)
     label_padded = _as_padding_mask(xp, "label_paddings", label_paddings, concrete)
     if concrete:
-        _check_label_values(xp, labels, label_padded, num_classes)
+        _check_label_values(xp, labels, label_padded, num_classes, given_labels)
     return CTCInputs(
         xp=xp,
         backend=backend,
@@ -297,9 +320,11 @@ def check_inputs(logits, logit_paddings, labels, label_paddings, *, blank_id, lo
     )
 
 
-def _check_label_values(xp, labels: Array, label_padded: Array, num_classes: int) -> None:
+def _check_label_values(xp, labels: Array, label_padded: Array, num_classes: int, given_labels: Array) -> None:
     bad = ~label_padded & ((labels < 0) | (labels >= num_classes))
     if bool(xp.any(bad)):
-        raise ValueError(f"labels must lie in [0, K) = [0, {num_classes}) wherever label_paddings is 0")
-    if labels.shape[1] > 1 and bool(xp.any(label_padded[:, :-1] & ~label_padded[:, 1:])):
-        raise ValueError("label_paddings must be right-padded: in each row, zeros (labels) and then ones (padding)")
+        raise ValueError(f"labels must lie in [0, K) = [0, {num_classes}) wherever label_paddings is 0{first_offender('labels', bad, given_labels)}")
+    if labels.shape[1] > 1 and bool(xp.any(label_after_padding := label_padded[:, :-1] & ~label_padded[:, 1:])):
+        # the offender is the 0 that follows a 1: one column to the right of the check's True
+        row, column = (int(i) for i in first_true(label_after_padding))
+        raise ValueError(f"label_paddings must be right-padded: in each row, zeros (labels) and then ones (padding); got a 0 after a 1 at label_paddings[{row}, {column + 1}]")

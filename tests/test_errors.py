@@ -179,26 +179,27 @@ def test_logits_not_floating(xp):
 def test_labels_outside_the_classes_where_not_padded(xp, bad_label):
     labels = GOOD.labels.copy()
     labels[1, 0] = bad_label
-    check_raises(xp, GOOD._replace(labels=labels), "labels", f"[0, {K})")
+    check_raises(xp, GOOD._replace(labels=labels), "labels", f"[0, {K})", f"got {bad_label} at labels[1, 0]")
 
 
 def test_label_paddings_not_right_padded(xp):
-    check_raises(xp, GOOD._replace(label_paddings=np.array([[1, 0], [0, 0.0]])), "label_paddings", "right")
+    check_raises(xp, GOOD._replace(label_paddings=np.array([[1, 0], [0, 0.0]])), "label_paddings", "right", "a 0 after a 1 at label_paddings[0, 1]")
+    check_raises(xp, GOOD._replace(label_paddings=np.array([[0, 0], [1, 0.0]])), "label_paddings", "right", "at label_paddings[1, 1]")
 
 
 @pytest.mark.parametrize("argument", ["logit_paddings", "label_paddings"])
 @pytest.mark.parametrize("bad_value", [0.5, 2.0, -1.0, float("nan")])
 def test_paddings_not_zero_or_one(xp, argument, bad_value):
     paddings = getattr(GOOD, argument).copy()
-    paddings[0, 0] = bad_value
-    check_raises(xp, GOOD._replace(**{argument: paddings}), argument)
+    paddings[1, 0] = bad_value
+    check_raises(xp, GOOD._replace(**{argument: paddings}), argument, f"got {bad_value!r} at {argument}[1, 0]")
 
 
 @pytest.mark.parametrize("argument", ["logit_paddings", "label_paddings"])
 def test_integer_paddings_not_zero_or_one(xp, argument):
     paddings = getattr(GOOD, argument).astype(np.int64)
-    paddings[0, 0] = 2
-    check_raises(xp, GOOD._replace(**{argument: paddings}), argument)
+    paddings[0, 1] = 2
+    check_raises(xp, GOOD._replace(**{argument: paddings}), argument, f"got 2 at {argument}[0, 1]")
 
 
 # --- under jax.jit ------------------------------------------------------------------------------
@@ -304,6 +305,7 @@ def test_wide_integers_beside_jax_logits_without_x64_are_checked_not_wrapped():
     for line in lines[:-1]:
         assert "-> ValueError:" in line, line
     assert "labels must lie in [0, K)" in lines[0] and "logit_paddings must contain only 0" in lines[4]
-    # Refused as a length, not quoted clipped ("narrower than the longest target_lengths, 2147483647")
-    assert "target_lengths must be non-negative" in lines[5] and "2147483647" not in lines[5], lines[5]
+    # Refused as a length, not quoted clipped ("narrower than the longest target_lengths, 2147483647"):
+    # the clipped value is quoted as a bound
+    assert "target_lengths must be non-negative" in lines[5] and "got 2147483647 or beyond (int32's limit)" in lines[5], lines[5]
     assert lines[-1].startswith("int64 label 1 -> [")  # an int64 array in range is taken as it is
