@@ -464,6 +464,8 @@ def check_targets(rows: list[Row], device: str) -> list[dict]:
 def targets_text(results: list[dict], runs: int = 1) -> str:
     where = "in this run" if runs == 1 else f"the median of {runs} runs' ratios, each run's in brackets"
     lines = [f"targets (issue 4; ratio anchor / ours, {where}):"]
+    if not results:  # `--shapes small`: the targets are set on other shapes
+        lines.append("  none on these shapes and backends (see TARGETS in benchmarks/run.py)")
     for r in results:
         each = f" ({', '.join(f'{x:.2f}' for x in r['ratios_by_run'])})" if len(r.get("ratios_by_run", ())) > 1 else ""
         lines.append(

@@ -58,7 +58,7 @@ def run_align(args) -> int:
 
     valid = problem[1][0] == 0
     labels = [int(label) for label, padded in zip(problem[2][0], problem[3][0]) if padded == 0]
-    print(f"{args.input}, sequence {args.index}: {int(valid.sum())} valid frames of {valid.size}, {len(labels)} labels, blank {case.blank_id}")
+    print(f"{args.input}, sequence {args.index}: {int(valid.sum())} valid frames of {valid.size}, {len(labels)} label{'' if len(labels) == 1 else 's'}, blank {case.blank_id}")
     if np.any(scores == -np.inf) or (labels and not valid.any()):
         print("no path can align these labels: too few valid frames for them and the blanks between repeats, or a class of probability 0 (a -inf logit) on every path")
     else:
@@ -84,6 +84,7 @@ def plot_alignment(logits, valid, labels: list[int], tokens, spans: list[TokenSp
         raise UsageError("--plot needs matplotlib: pip install 'ctc-multi[cli]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     classes = [blank_id] + list(dict.fromkeys(label for label in labels if label != blank_id))
     row_of = {cls: row for row, cls in enumerate(classes)}
@@ -112,6 +113,7 @@ def plot_alignment(logits, valid, labels: list[int], tokens, spans: list[TokenSp
         )
     axes.set_yticks(range(len(classes)), [f"blank ({blank_id})"] + [f"class {cls}" for cls in classes[1:]])
     axes.set_xlabel("frame")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # frames are whole
     axes.set_xlim(-0.5, frames - 0.5)
     axes.set_title(f"{title}: labels {' '.join(map(str, labels)) or '(none)'}", fontsize=10, pad=18)
     if on_path.size:

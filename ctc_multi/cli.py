@@ -51,7 +51,7 @@ def _name_list(text: str) -> list[str]:
 
 def add_compare_parser(subparsers) -> None:
     shapes = "; ".join(f"{s.name} {s.B},{s.T},{s.K},{s.N}" for s in SHAPES.values())
-    tolerances = "; ".join(f"{dtype}: loss {t.loss:g} relative, gradient {t.grad:g}" for dtype, t in compare.TOLERANCES.items())
+    tolerances = "; ".join(f"{dtype}: each loss within {t.loss:g} x max(1, |loss|), gradient {t.grad:g}" for dtype, t in compare.TOLERANCES.items())
     parser = subparsers.add_parser(
         "compare",
         help="run one CTC problem on every installed backend and anchor; print accuracy and timings",
@@ -67,7 +67,8 @@ def add_compare_parser(subparsers) -> None:
         epilog=(
             f"Named shapes (B,T,K,N): {shapes}. Tolerances: {tolerances}. Exit codes: 0 when every "
             "ctc_multi backend agrees with the reference within its dtype's tolerance; 1 when one does "
-            "not, or fails to run, or the reference check fails; 2 on a bad command line or input file. "
+            "not, or fails to run, or the reference check fails, or no ctc_multi backend ran; 2 on a bad "
+            "command line or input file. "
             "Anchors are shown for comparison only and never set the exit code."
         ),
     )
@@ -138,8 +139,10 @@ def run_compare(args) -> int:
     compare.print_table(report)
     if args.json:
         compare.write_json(report, args.json)
+        print(f"wrote {args.json}")
     if plot_file:
         compare.plot(report, plot_file)
+        print(f"wrote {plot_file}")
     failing = [row.backend for row in report.rows if row.fails]
     if failing:
         print(f"ctc-multi compare: outside tolerance or failed: {', '.join(failing)}", file=sys.stderr)
@@ -160,7 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.run(args)
+        code = args.run(args)
+        sys.stdout.flush()  # here, so that a reader that has gone away is caught below
+        return code
+    except BrokenPipeError:  # `ctc-multi align ... | head -2`: the reader took what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 141  # as the shell reports a command ended by SIGPIPE
     except compare.UsageError as error:
         print(f"ctc-multi {args.command}: error: {error}", file=sys.stderr)
         return 2

@@ -69,8 +69,14 @@ class _Problem:
         views = self.backend.numpy_views(arrays)
         if views is None:
             return function(self, *arrays)
+        import numpy as np
+
         on_numpy = self.on_numpy()  # run as NumPy's adapter runs its functions (its error state)
-        return tree_map(self.backend.from_numpy, on_numpy.backend.compiled(function, 1)(on_numpy, *views))
+        # The caller's arrays are not NumPy's: no NumPy warning (a NaN logit's "invalid value")
+        # nor a NumPy error state of theirs applies; the framework's own ops report none.
+        with np.errstate(all="ignore"):
+            results = on_numpy.backend.compiled(function, 1)(on_numpy, *views)
+        return tree_map(self.backend.from_numpy, results)
 
     def lattice(self, logits, logit_padded, labels, label_padded, *, differentiable=True):
         """The lattice; ``differentiable=False`` where no autodiff runs through it (a faster

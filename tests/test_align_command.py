@@ -70,7 +70,28 @@ def test_align_reports_sequences_that_cannot_be_aligned(tmp_path, capsys):
     path = tmp_path / "short.npz"
     np.savez(path, logits=np.zeros((1, 2, 3)), logit_paddings=np.zeros((1, 2)), labels=np.array([[2, 2]]), label_paddings=np.zeros((1, 2)))
     assert run_align(parse(["align", "--input", str(path)])) == 0
-    assert "no path can align" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "no path can align" in printed and "2 labels," in printed
+
+
+def test_align_counts_one_label_in_the_singular(tmp_path, capsys):
+    path = tmp_path / "one.npz"
+    np.savez(path, logits=np.zeros((1, 3, 3)), logit_paddings=np.zeros((1, 3)), labels=np.array([[2]]), label_paddings=np.zeros((1, 1)))
+    assert run_align(parse(["align", "--input", str(path)])) == 0
+    assert ": 3 valid frames of 3, 1 label, blank 0" in capsys.readouterr().out  # was "1 labels"
+
+
+def test_the_heatmap_puts_ticks_on_whole_frames(tmp_path, monkeypatch):
+    """matplotlib's default ticks for 20 frames fell at 2.5, 7.5, ..., between frames."""
+    pytest.importorskip("matplotlib", reason="--plot needs matplotlib (the cli extra)")
+    import ctc_multi.align_command as align_command
+
+    path = tmp_path / "twenty.npz"
+    np.savez(path, logits=np.zeros((1, 20, 3)), logit_paddings=np.zeros((1, 20)), labels=np.array([[2, 1]]), label_paddings=np.zeros((1, 2)))
+    ticks = []
+    monkeypatch.setattr(align_command, "save_plot", lambda figure, path, dpi: ticks.extend(figure.axes[0].get_xticks()))
+    assert run_align(parse(["align", "--input", str(path), "--plot", str(tmp_path / "ticks.png")])) == 0
+    assert ticks and all(float(tick).is_integer() for tick in ticks), ticks
 
 
 def test_align_rejects_an_index_outside_the_batch(input_file):

@@ -410,3 +410,10 @@ def test_cudnn_anchor_is_unavailable_for_labels_it_would_hand_to_torchs_own_kern
         case = runner.compare.Case(random_problem(SHAPES[name], 0, "float32"), blank_id=0, source=name)
         with pytest.raises(runner.compare.Unavailable, match=expected):
             runner._prepare_torch_cudnn(case, "cuda" if name == "long" else "cpu")
+
+
+def test_targets_heading_says_so_when_no_target_is_on_the_chosen_shapes():
+    """`run.py --shapes small` printed the targets' heading and nothing under it."""
+    runner = load_runner()
+    text = runner.targets_text(runner.check_targets([], "cpu"))
+    assert text.splitlines()[1].strip().startswith("none on these shapes"), text

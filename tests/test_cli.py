@@ -369,9 +369,12 @@ print("policy", os.environ.get("OMP_WAIT_POLICY"))
         assert f"policy {expected}" in result.stdout
 
 
-def test_plot_writes_a_png(tmp_path):
-    result = run_cli("compare", "--backends", "numpy", *TINY, "--plot", "times.png", cwd=tmp_path)
+def test_plot_writes_a_png_and_says_so(tmp_path):
+    """Also a path without an extension, written with ".png" added: the command now names the
+    file it wrote (it printed nothing, while `ctc-multi align --plot` did)."""
+    result = run_cli("compare", "--backends", "numpy", *TINY, "--plot", "times", "--json", "out.json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-2:] == ["wrote out.json", "wrote times.png"], result.stdout
     png = (tmp_path / "times.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert 5_000 < len(png) < 2_000_000
@@ -426,5 +429,21 @@ def test_help_names_the_reference_and_the_exit_codes(tmp_path):
     text = " ".join(result.stdout.split())
     assert "float64 reference" in text and "NumPy backend in float64" in text
     assert "Anchors are shown for comparison only and never set the exit code" in text
+    # as the README states them (the help left out the run where no backend ran, and called the
+    # loss tolerance relative where it is relative to max(1, |loss|))
+    assert "or no ctc_multi backend ran" in text and "float32: each loss within 1e-05 x max(1, |loss|)" in text
     for name in ("small 8,100,32,20", "char 32,500,32,100", "big 64,1000,1024,200"):
         assert name in text
+
+
+def test_a_reader_that_goes_away_is_no_traceback(tmp_path):
+    """`ctc-multi align ... | head -2`: the reader closed the pipe before the command's output was
+    written, and a BrokenPipeError traceback followed. Now no traceback and the shell's status
+    for SIGPIPE, 141."""
+    save_problem(tmp_path / "one.npz")
+    command = [sys.executable, "-m", "ctc_multi", "align", "--input", "one.npz"]
+    child = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child.stdout.close()  # before the child writes: its buffered output meets a closed pipe
+    stderr = child.stderr.read().decode()
+    assert child.wait(timeout=300) == 141, stderr
+    assert stderr == "", stderr

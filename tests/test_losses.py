@@ -434,6 +434,29 @@ def test_results_do_not_depend_on_numpys_error_state(xp):
         np.testing.assert_array_equal(a, b)
 
 
+def test_torch_tensors_get_no_numpy_warnings_from_the_loop_numpy_runs_for_them():
+    """A NaN logit on a valid frame of a CPU tensor gave a NaN loss (right) and a NumPy
+    "RuntimeWarning: invalid value encountered in logaddexp" (from the NumPy loop that runs for
+    CPU tensors, an implementation detail): torch's own ops warn of nothing. Under a caller's
+    np.seterr(all="raise"), set for their NumPy code, it raised. Now neither, on every entry point."""
+    torch = pytest.importorskip("torch")
+    problem = standard_problem(24)
+    logits = problem.logits.copy()
+    logits[0, 2, 1] = np.nan
+    arrays = (torch.tensor(logits, dtype=torch.float32), *(torch.tensor(a) for a in problem[1:]))
+    with warnings.catch_warnings(), np.errstate(all="raise"):
+        warnings.simplefilter("error")
+        loss = ctc_multi.ctc_loss(*arrays)
+        assert torch.isnan(loss[0]) and torch.isfinite(loss[1:]).all()
+        ctc_multi.ctc_loss_and_grad(*arrays)
+        ctc_multi.ctc_loss_with_forward_probs(*arrays)
+        ctc_multi.ctc_posteriors(*arrays)
+        ctc_multi.forced_align(*arrays)
+        logits = arrays[0].clone().requires_grad_(True)
+        ctc_multi.ctc_loss(logits, *arrays[1:]).sum().backward()
+    assert torch.isnan(logits.grad[0]).any() and torch.isfinite(logits.grad[1:]).all()
+
+
 def test_logits_wider_than_float64_are_refused():
     """NumPy's longdouble was computed in float32; it is refused, naming logits."""
     if np.dtype(np.longdouble).itemsize <= 8:

@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -238,3 +239,32 @@ def test_arguments_on_other_devices_than_the_logits():
             assert result["difference"] < 1e-6 and result["batch_sharded"], (name, result)
     for kind, result in output["paddings"].items():
         assert result["valid"] == [3, 1, 21, 0, 5, 7, 9, 2] and result["batch_sharded"], (kind, result)
+
+
+def readme_block(containing: str) -> str:
+    """The README's ```python block that contains ``containing``."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    blocks = [block.split("```", 1)[0] for block in readme.split("```python\n")[1:]]
+    found = [block for block in blocks if containing in block]
+    assert len(found) == 1, f"{len(found)} README blocks contain {containing!r}"
+    return found[0]
+
+
+def test_the_readmes_data_parallel_training_step_runs_on_four_devices():
+    """The README's JAX training step used a model, parameters and features it never defined;
+    it now runs as written. Here on 4 simulated devices: the loss is finite and falls, and the
+    step's loss came from a batch sharded over all four."""
+    pytest.importorskip("optax")
+    script = readme_block("def train_step") + textwrap.dedent(
+        """
+        import json
+        print(json.dumps(dict(devices=jax.device_count(), sharded=batch[0].sharding.is_equivalent_to(data, 3), batch=B)))
+        """
+    )
+    environment = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={DEVICES}", JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment)
+    assert done.returncode == 0, f"the README's block failed:\n{done.stderr[-4000:]}"
+    *steps, last = done.stdout.strip().splitlines()
+    losses = [float(line.split()[1]) for line in steps]
+    assert len(losses) == 3 and all(np.isfinite(losses)) and losses[0] > losses[1] > losses[2], losses
+    assert json.loads(last) == dict(devices=DEVICES, sharded=True, batch=8 * DEVICES)
