@@ -221,7 +221,10 @@ def torch_ctc_loss(
     - A sequence that cannot be aligned (``input_length`` shorter than its target plus the
       blanks between repeated labels) gets a large finite loss (about 1e5, ctc_multi's
       ``-log_epsilon``) and a finite gradient, where torch gives ``inf`` and NaN gradients.
-      ``zero_infinity=True`` gives loss 0 and gradient 0 for them, as in torch.
+      ``zero_infinity=True`` gives loss 0 and gradient 0 for them, as in torch. Not for a
+      sequence that ``-inf`` log-probabilities block (every path through a class of
+      probability 0): its loss is finite, about 1e5 per blocked frame, where torch gives
+      ``inf``, or 0 with ``zero_infinity=True`` (see :func:`ctc_multi.ctc_loss`).
     - ``log_probs`` that are not log probabilities (frames whose exponentials do not sum to
       one: scores with a log prior subtracted, say) are normalised first, so the loss is that of
       their log-softmax; torch sums such scores as given. Pass ``log_probs.log_softmax(-1)``

@@ -322,7 +322,10 @@ def ctc_loss(
         averaged over the batch.
       zero_infinity: torch's option: when True, sequences that cannot be aligned (too few
         valid frames for their labels and the blanks between repeated labels) get loss 0
-        and gradient 0 instead of a loss near ``-log_epsilon``.
+        and gradient 0 instead of a loss near ``-log_epsilon``. Not a sequence that ``-inf``
+        logits block (every path through a class of probability 0): its emissions count as
+        -1e5, so its loss is finite, about 1e5 per blocked frame; :func:`forced_align` finds
+        such sequences (token -1 on every frame).
 
     Gradients: under ``jax.grad``/``jax.vjp`` and torch autograd, the gradient comes from the
     explicit backward (beta) recursion, not from differentiating through the scan.

@@ -238,6 +238,26 @@ def test_zero_infinity_zeroes_loss_and_gradient_of_infeasible_sequences(xp):
         np.testing.assert_allclose(autodiff_grad, expected_grad, **TOLERANCE["gradient_float64"])
 
 
+def test_zero_infinity_leaves_sequences_that_inf_logits_block_and_forced_align_finds_them(xp):
+    """As the README states (API, Differences): a sequence whose every path runs through a
+    -inf logit is not zeroed by zero_infinity; its emissions count as -1e5, so its loss is about
+    1e5 per blocked frame. forced_align tells it apart (token -1 on every frame), the recipe
+    the README gives for torch's behaviour. The other sequence is untouched."""
+    rng = np.random.default_rng(11)
+    logits = rng.standard_normal((2, 6, 4))
+    logits[0, :, 3] = -np.inf  # class 3, sequence 0's second label, has probability 0 throughout
+    problem = Problem(logits, np.zeros((2, 6)), np.array([[1, 3], [1, 2]]), np.zeros((2, 2)))
+    arrays, _ = to_backend(xp, problem)
+    loss = xp.to_numpy(compiled(xp, functools.partial(ctc_multi.ctc_loss, zero_infinity=True))(*arrays))
+    assert 1e5 <= loss[0] < 1e5 + 100, loss
+    expected_loss, _ = ctc_reference(*Problem(*(a[1:] for a in problem)))
+    np.testing.assert_allclose(loss[1:], expected_loss, **TOLERANCE["float64"])
+    tokens, _ = compiled(xp, ctc_multi.forced_align)(*arrays)
+    blocked = (xp.to_numpy(tokens) == -1).all(axis=1)
+    assert blocked.tolist() == [True, False]
+    np.testing.assert_allclose(np.where(blocked, 0.0, loss), [0.0, expected_loss[0]], **TOLERANCE["float64"])
+
+
 @pytest.mark.parametrize("zero_infinity", [False, True])
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
 def test_reductions(xp, reduction, zero_infinity):
