@@ -127,7 +127,7 @@ def _forced_align_here(problem: _Problem, *arrays):
     scores = log_softmax_of_classes(xp, lattice, classes)
 
     padded = lattice.logit_padded
-    # A valid frame without a softmax (a NaN or +inf logit) leaves no path to compare: no
+    # A valid frame without a softmax (a NaN or +inf logit, or none finite) leaves no path to compare: no
     # alignment either, its scores NaN.
     undefined = xp.any(frames_without_softmax(xp, arrays[0], padded), axis=1)
     infeasible = ~(aligned & ~undefined)[:, None]

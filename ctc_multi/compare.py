@@ -146,7 +146,7 @@ def load_case(path: str, *, dtype: str | None) -> Case:
     if np.any(no_softmax):
         sequence, frame = (int(i[0]) for i in np.nonzero(no_softmax))
         raise UsageError(
-            f"{path}: logits hold NaN or +inf on a valid frame (sequence {sequence}, frame {frame}), which has no "
+            f"{path}: logits hold NaN or +inf, or no finite value, on a valid frame (sequence {sequence}, frame {frame}), which has no "
             "softmax: every loss and gradient of that sequence is NaN. Mark the frame padded or fix its logits"
         )
     if dtype is None:

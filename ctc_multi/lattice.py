@@ -241,6 +241,7 @@ class ScaledSemiring:
         exp(log_epsilon), scaled like a state (as the log-space step adds log_epsilon)."""
         edge = (_two_columns(xp, skip_allowed, 1.0, dtype), _two_columns(xp, skip_allowed, _LOWEST_POWER, xp.int32))
         weight, power = ScaledSemiring.from_log(xp, xp.full_like(skip_allowed, log_epsilon, dtype=dtype))
+        power = xp.where(_is_blank(xp, skip_allowed), xp.full_like(power, _LOWEST_POWER), power)
         allowed_power = xp.zeros_like(skip_allowed, dtype=xp.int32)
         return edge, (xp.where(skip_allowed, xp.ones_like(weight), weight), xp.where(skip_allowed, allowed_power, power))
 
@@ -313,9 +314,9 @@ def finite_peak(xp, logits: Array) -> Array:
 
 def frames_without_softmax(xp, logits: Array, logit_padded: Array) -> Array:
     """(B, T, K) logits, (B, T) bool padding -> (B, T) True on the valid frames that have no
-    softmax: a NaN or a +inf logit (every class's log-probability is then NaN, or -inf beside
-    a NaN)."""
-    return xp.any(xp.isnan(logits) | (logits == math.inf), axis=2) & ~logit_padded
+    softmax: a NaN or a +inf logit, or no finite one (every class's log-probability is then
+    NaN, or -inf beside a NaN): those whose largest logit is not finite (NaN propagates)."""
+    return ~xp.isfinite(xp.max(logits, axis=2)) & ~logit_padded
 
 
 def log_softmax(xp, logits: Array) -> Array:
@@ -645,7 +646,11 @@ def _accumulate(hi: Array, lo: Array, value: Array) -> tuple[Array, Array]:
 
 def _edge_and_penalty(xp, skip_allowed: Array, log_epsilon: float, dtype):
     """Built once per scan: two states beyond the lattice's edge, and log_epsilon on forbidden
-    jumps (added rather than selected: one op, and a forbidden jump can't win or count).
+    jumps (added rather than selected: one op, and a forbidden jump can't win or count); on a
+    jump into a blank from the blank before it, nothing (the edge's value): optax's lattice has
+    no such move, and where the lattice's first state or the mirror image's starts, it would
+    be a path that starts (or ends) on another blank, which the loss does not count
+    (:func:`with_mirror_image`).
 
     The edge states hold nothing: half the dtype's most negative number, finite (so no
     ``-inf - -inf``) and far below anything a path holds. Not log_epsilon: the log values are
@@ -654,9 +659,18 @@ def _edge_and_penalty(xp, skip_allowed: Array, log_epsilon: float, dtype):
     (by padded labels that emit with probability one), cutting losses of that size to about
     -log_epsilon. optax's log 0 is absolute, and feeds nothing in.
     """
-    edge = _two_columns(xp, skip_allowed, float(xp.finfo(dtype).min) / 2, dtype)
-    penalty = xp.where(skip_allowed, xp.zeros_like(skip_allowed, dtype=dtype), xp.full_like(skip_allowed, log_epsilon, dtype=dtype))
+    nothing = float(xp.finfo(dtype).min) / 2
+    edge = _two_columns(xp, skip_allowed, nothing, dtype)
+    forbidden = xp.where(_is_blank(xp, skip_allowed), xp.full_like(skip_allowed, nothing, dtype=dtype), xp.full_like(skip_allowed, log_epsilon, dtype=dtype))
+    penalty = xp.where(skip_allowed, xp.zeros_like(skip_allowed, dtype=dtype), forbidden)
     return edge, penalty
+
+
+def _is_blank(xp, skip_allowed: Array) -> Array:
+    """(..., S) True on the blank states, the even ones (also in the mirror image: S is odd)."""
+    state_ids = xp.arange(skip_allowed.shape[-1], device=_device(skip_allowed))
+    # made from an array like skip_allowed, so that it has its sharding (a batch-sharded mesh)
+    return (xp.zeros_like(skip_allowed, dtype=state_ids.dtype) + state_ids) % 2 == 0
 
 
 def make_lattice_step(
@@ -761,15 +775,17 @@ def states_on_paths(xp, lattice: Lattice, first_state: Array | None = None) -> A
     return (state_ids >= first[..., None]) & (state_ids <= last[..., None])
 
 
-def initial_state(xp, lattice: Lattice, first_state: Array | None = None) -> tuple[Array, Array, Array]:
+def initial_state(xp, lattice: Lattice, first_state: Array | None = None, elsewhere: Array | None = None) -> tuple[Array, Array, Array]:
     """The state before the first frame: a virtual frame where every path sits in state 0 (or,
     per row, in the (...,) ``first_state``), so frame 0 can start on it or, advancing, on the
-    state after it."""
+    state after it. The other states hold "log 0": ``log_epsilon``, as optax's alphas start, or
+    per row the (...,) log values ``elsewhere``."""
     template = xp.zeros_like(lattice.skip_allowed, dtype=lattice.logits.dtype)  # (..., S)
     num_states = template.shape[-1]
     state_ids = xp.arange(num_states, device=_device(template))
     is_start = state_ids == 0 if first_state is None else state_ids == first_state[..., None]
-    log_state = xp.where(is_start, xp.zeros_like(template), xp.full_like(template, lattice.log_epsilon))
+    log_zero = xp.full_like(template, lattice.log_epsilon) if elsewhere is None else xp.broadcast_to(elsewhere[..., None], template.shape)
+    log_state = xp.where(is_start, xp.zeros_like(template), log_zero)
     zero = xp.zeros_like(template[..., 0])
     return log_state, zero, zero
 
@@ -790,7 +806,15 @@ def _per_frame(xp, blocked: Array, num_frames: int) -> Array:
 
 
 def run_recursion(
-    xp, scan: Scan, lattice: Lattice, *, semiring=LogSemiring, keep_history: bool = False, frames_per_step: int = 1, first_state: Array | None = None
+    xp,
+    scan: Scan,
+    lattice: Lattice,
+    *,
+    semiring=LogSemiring,
+    keep_history: bool = False,
+    frames_per_step: int = 1,
+    first_state: Array | None = None,
+    elsewhere: Array | None = None,
 ):
     """Scan the lattice step over all frames; returns (final carry, (history, choices)).
 
@@ -803,8 +827,8 @@ def run_recursion(
 
     ``history`` (with ``keep_history``) is (log_state (T, ..., S), offset_hi (T, ...),
     offset_lo (T, ...)): after each frame, a state and the offsets that make it absolute (see
-    :func:`absolute`). ``choices`` (T, ..., S) are the semiring's, if any. ``first_state``: see
-    :func:`initial_state`. A lattice built ``gather_in_scan`` has each frame's emissions
+    :func:`absolute`). ``choices`` (T, ..., S) are the semiring's, if any. ``first_state`` and
+    ``elsewhere``: see :func:`initial_state`. A lattice built ``gather_in_scan`` has each frame's emissions
     gathered in the step (:func:`frame_emissions`), one frame per step.
     """
     if keep_history and not semiring.renormalised:
@@ -822,7 +846,7 @@ def run_recursion(
         frames_per_step=frames_per_step,
         on_paths=on_paths,
     )
-    log_state, offset_hi, offset_lo = initial_state(xp, lattice, first_state)
+    log_state, offset_hi, offset_lo = initial_state(xp, lattice, first_state, elsewhere)
     init = (to_carry(semiring.from_log(xp, log_state)), offset_hi, offset_lo)
     if lattice.log_emissions is None:
         final, outputs = scan(_gathering(xp, lattice, step), init, _frames_to_gather(xp, lattice))
@@ -958,24 +982,30 @@ def forward_and_occupancy_by_shares(xp, scan: Scan, lattice: Lattice, *, frames_
 # An occupancy below exp(this) times its frame's largest is taken as 0 by the mirror image.
 _NEGLIGIBLE_LOG_SHARE = -80.0
 
-# The largest log_epsilon with which forward_and_occupancy_by_mirror runs: its "log 0" must
-# vanish in exp, as -inf would (exp(-1000) is 0 in float64). Above it, the shares are used.
-MIRROR_MAX_LOG_EPSILON = -1000.0
-
-
-def with_mirror_image(xp, lattice: Lattice) -> tuple[Lattice, Array]:
-    """The lattice and its mirror image side by side, and where the paths of each start.
+def with_mirror_image(xp, lattice: Lattice) -> tuple[Lattice, Array, Array]:
+    """The lattice and its mirror image side by side, where the paths of each start, and what
+    the other states hold before the first frame.
 
     The mirror image reads the frames backwards and the states from the last down (its state
     S - 1 - s is state s here); its paths start on the last blank (2L), may advance to the last
     label, and skip between the same labels, so the forward recursion over it is Graves et al.'s
     beta. Its arrays are flips of this lattice's. Each sequence's padded labels fall below its
-    first state there and hold only the initial "log 0"; they emit ``log_epsilon``, so that it
-    does not add up over the frames (about k log(t / k) for k states, t frames).
+    first state there and hold nothing; they emit ``log_epsilon``, so that no sum over them
+    adds up over the frames (about k log(t / k) for k states, t frames).
+
+    Before the first frame the lattice's other states hold ``log_epsilon``, optax's "log 0": the
+    loss counts the paths that start on them with that weight. The mirror image's hold nothing
+    (the edge's value): a path the loss counts ends on the last blank or label, so beta may start
+    nowhere else. With ``log_epsilon`` there, alpha times beta counted paths that end on any
+    state, which decide the gradient where paths weighted by "log 0" count (where no path can
+    align the labels: 0.05 off the loss's own gradient in a review's test; and wherever the
+    paths cost more than about -log_epsilon). The lattice's jumps from a blank to the next blank
+    are not taken at all (:func:`_edge_and_penalty`), so that the jump from the mirror image's
+    start into the blank two states on, which would end a path on that blank, is not either.
 
     Returns a Lattice of only what :func:`run_recursion` reads, each per-frame array with a new
     axis after the frames' (log_emissions (T, 2, B, S), frame_padded (T, 2, B), skip_allowed
-    (2, B, S)), and the (2, B) ``first_state`` of each.
+    (2, B, S)), the (2, B) ``first_state`` of each and the (2, B) log value ``elsewhere``.
     """
     lattice = with_all_emissions(xp, lattice)
     emissions, skip_allowed = lattice.log_emissions, lattice.skip_allowed
@@ -991,7 +1021,9 @@ def with_mirror_image(xp, lattice: Lattice) -> tuple[Lattice, Array]:
         frame_padded=xp.stack([lattice.frame_padded, xp.flip(lattice.frame_padded, axis=0)], axis=1),
         skip_allowed=xp.stack([skip_allowed, mirrored_skips], axis=0),
     )
-    return both, xp.stack([xp.zeros_like(mirror_start), mirror_start], axis=0)
+    log_zero = xp.full_like(emissions[0, :, 0], lattice.log_epsilon)  # (B,)
+    nothing = xp.full_like(log_zero, float(xp.finfo(emissions.dtype).min) / 2)  # as the edge states hold
+    return both, xp.stack([xp.zeros_like(mirror_start), mirror_start], axis=0), xp.stack([log_zero, nothing], axis=0)
 
 
 def forward_and_occupancy_by_mirror(xp, scan: Scan, lattice: Lattice, *, frames_per_step: int = 1, scaled: bool = False):
@@ -1009,17 +1041,16 @@ def forward_and_occupancy_by_mirror(xp, scan: Scan, lattice: Lattice, *, frames_
     slower where the arithmetic is the cost (NumPy, XLA on a CPU). It holds (T, 2, B, S)
     emissions and states where the shares hold two (T, B, S) arrays: about twice the memory.
 
-    Beta's "log 0" must vanish in exp as -inf would, or paths that start on it are counted
-    (the forward recursion has such paths too, which the shares follow exactly): with a
-    ``log_epsilon`` above :data:`MIRROR_MAX_LOG_EPSILON` this hands over to the shares (and
-    ``scaled`` with it; the mirror image itself keeps its history, so runs in log space). A
-    padded frame's occupancy means nothing here (mask it, as :func:`logits_gradient` does).
+    Beta counts exactly the paths that alpha and the loss count (:func:`with_mirror_image`), so
+    the occupancies are the loss's for any ``log_epsilon``, also where paths weighted by it
+    count (until commit fab590b a ``log_epsilon`` above -1000 handed over to the shares, and
+    such paths made the gradient of an impossible alignment 0.05 off). ``scaled`` is ignored:
+    the mirror image keeps its history, so runs in log space. A padded frame's occupancy means
+    nothing here (mask it, as :func:`logits_gradient` does).
     """
-    if lattice.log_epsilon > MIRROR_MAX_LOG_EPSILON:
-        return forward_and_occupancy_by_shares(xp, scan, lattice, frames_per_step=frames_per_step, scaled=scaled)
     lattice = with_all_emissions(xp, lattice)
-    both, first_state = with_mirror_image(xp, lattice)
-    final, (history, _) = run_recursion(xp, scan, both, keep_history=True, frames_per_step=frames_per_step, first_state=first_state)
+    both, first_state, elsewhere = with_mirror_image(xp, lattice)
+    final, (history, _) = run_recursion(xp, scan, both, keep_history=True, frames_per_step=frames_per_step, first_state=first_state, elsewhere=elsewhere)
     states = history[0]  # (T, 2, B, S), each frame's up to a (T, 2, B) offset
     log_occupancy = (states[:, 0, ...] + xp.flip(states[:, 1, ...], axis=(0, 2))) - lattice.log_emissions
     shifted = log_occupancy - xp.max(log_occupancy, axis=-1, keepdims=True)

@@ -429,6 +429,30 @@ def test_a_nan_or_plus_inf_logit_on_a_valid_frame_leaves_no_alignment(xp):
     assert list(collapse(tokens[2], 0)) == [2, 2] and list(collapse(tokens[3][:9], 0)) == [1, 1]
 
 
+def test_a_valid_frame_with_no_finite_logit_leaves_no_alignment(xp):
+    """A valid frame of -inf logits has no softmax either (its log-probabilities are NaN, as
+    is the loss): it came back as a path that read the labels, tokens [0, 1, 1, 1, ...], with
+    NaN scores (a review's finding). Now token -1 and score NaN, as for a NaN logit; a padded
+    frame of -inf logits changes nothing."""
+    rng = np.random.default_rng(6)
+    logits = rng.standard_normal((2, 10, 5))
+    logits[0, 4, :] = -np.inf
+    logits[1, 9, :] = -np.inf
+    paddings = np.zeros((2, 10))
+    paddings[1, 9] = 1.0
+    problem = Problem(logits, paddings, np.array([[1, 3], [2, 4]]), np.zeros((2, 2)))
+    arrays, _ = to_backend(xp, problem)
+    with np.errstate(invalid="ignore"):  # NumPy's log-softmax of the -inf frame
+        tokens, scores = (xp.to_numpy(r) for r in ctc_multi.forced_align(*arrays))
+        loss = xp.to_numpy(ctc_multi.ctc_loss(*arrays))
+    assert np.all(tokens[0] == -1) and np.all(np.isnan(scores[0])) and np.isnan(loss[0])
+    alone = Problem(*(a[1:] for a in problem))._replace(logits=np.where(np.isfinite(logits[1:]), logits[1:], 0.0))
+    expected_tokens, expected_scores = (xp.to_numpy(r) for r in ctc_multi.forced_align(*to_backend(xp, alone)[0]))
+    np.testing.assert_array_equal(tokens[1:], expected_tokens)
+    np.testing.assert_allclose(scores[1:], expected_scores, rtol=1e-12)
+    assert np.isfinite(loss[1])
+
+
 def test_a_valid_path_costing_more_than_minus_log_epsilon_still_wins(xp):
     """Near-tight alignments of peaky logits, whose best valid path costs more than 1e5 nats:
     with the loss's "log 0" of -1e5, a path that enters the lattice past its first state (or

@@ -126,10 +126,12 @@ def test_input_file_with_padding_between_frames(tmp_path):
         (dict(blank_id=np.int64(6)), "blank_id must be in [0, K) = [0, 6)"),
         # NaN or +inf on a valid frame: every row was "outside tolerance" (exit 1, blaming each
         # backend), with NumPy warnings, and the reference check passed without that sequence.
-        (dict(logits=nan_at(1, 5)), "logits hold NaN or +inf on a valid frame (sequence 1, frame 5)"),
-        (dict(logits=nan_at(2, 0, np.inf)), "logits hold NaN or +inf on a valid frame (sequence 2, frame 0)"),
+        (dict(logits=nan_at(1, 5)), "logits hold NaN or +inf, or no finite value, on a valid frame (sequence 1, frame 5)"),
+        (dict(logits=nan_at(2, 0, np.inf)), "logits hold NaN or +inf, or no finite value, on a valid frame (sequence 2, frame 0)"),
+        # a frame of -inf logits alone has no softmax either (each loss of its sequence NaN)
+        (dict(logits=nan_at(0, 7, -np.inf) + np.where(np.arange(24)[None, :, None] == 7, -np.inf, 0.0)), "(sequence 0, frame 7)"),
     ],
-    ids=["missing-key", "wrong-shape", "float-labels", "blank-out-of-range", "nan-logit", "inf-logit"],
+    ids=["missing-key", "wrong-shape", "float-labels", "blank-out-of-range", "nan-logit", "inf-logit", "all-minus-inf-frame"],
 )
 def test_broken_input_file_is_a_clear_error(tmp_path, changes, expected):
     save_problem(tmp_path / "bad.npz", **changes)

@@ -238,6 +238,42 @@ def test_zero_infinity_zeroes_loss_and_gradient_of_infeasible_sequences(xp):
         np.testing.assert_allclose(autodiff_grad, expected_grad, **TOLERANCE["gradient_float64"])
 
 
+def test_many_classes_and_frames_in_several_blocks_of_numpys_log_softmax(xp):
+    """NumPy's log-softmax (also CPU torch's) runs over blocks of 2**18 values; a mutation review
+    found no test whose B*T*K reaches a second block (only the first would have been normalised,
+    a loss 770 nats off). Here 2 * 300 * 512 values, two blocks, padded frames in the second."""
+    rng = np.random.default_rng(21)
+    B, T, K, N = 2, 300, 512, 20
+    paddings = np.zeros((B, T))
+    paddings[1, 280:] = 1.0
+    problem = Problem(rng.standard_normal((B, T, K)), paddings, rng.integers(1, K, size=(B, N)), np.zeros((B, N)))
+    loss, grad, held = loss_and_grad(xp, problem)
+    expected_loss, expected_grad = expected_values(held)
+    np.testing.assert_allclose(loss, expected_loss, **TOLERANCE["float64"])
+    np.testing.assert_allclose(grad, expected_grad, **TOLERANCE["gradient_float64"])
+
+
+def test_the_gradient_of_an_impossible_sequence_is_its_losss(xp):
+    """Without zero_infinity a sequence that cannot be aligned (two repeated labels, two frames)
+    has a finite loss near -log_epsilon and the gradient of that loss, not zero (a mutation
+    review: no test read it; zeroing it left every test passing). Checked against central
+    differences of the loss itself (step 1e-5 on a loss of 1e5: rounding about 1e-6)."""
+    logits = np.random.default_rng(0).standard_normal((1, 2, 4))
+    problem = Problem(logits, np.zeros((1, 2)), np.array([[1, 1]]), np.zeros((1, 2)))
+    loss, grad, _ = loss_and_grad(xp, problem)
+    assert 9e4 < loss[0] < 1.1e5
+    arrays, _ = to_backend(xp, problem)
+    step, numeric = 1e-5, np.zeros_like(logits)
+    for index in np.ndindex(logits.shape):
+        up, down = logits.copy(), logits.copy()
+        up[index] += step
+        down[index] -= step
+        losses = [xp.to_numpy(ctc_multi.ctc_loss(xp.asarray(x), *arrays[1:]))[0] for x in (up, down)]
+        numeric[index] = (losses[0] - losses[1]) / (2 * step)
+    assert np.abs(numeric).max() > 0.1  # a gradient to get wrong
+    np.testing.assert_allclose(grad, numeric, atol=1e-4)
+
+
 def test_zero_infinity_leaves_sequences_that_inf_logits_block_and_forced_align_finds_them(xp):
     """As the README states (API, Differences): a sequence whose every path runs through a
     -inf logit is not zeroed by zero_infinity; its emissions count as -1e5, so its loss is about

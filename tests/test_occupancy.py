@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import BACKENDS
-from helpers import random_problem
+from helpers import Problem, random_problem
 
 from ctc_multi.inputs import check_inputs
 from ctc_multi.lattice import forward_and_occupancy_by_mirror, forward_and_occupancy_by_shares, run_recursion, with_mirror_image
@@ -62,8 +62,8 @@ def test_the_mirror_images_padded_labels_stay_log_zero(xp):
     problem.label_paddings[:, 2:] = 1.0  # at most two labels: twenty or more padded states each
     problem.labels[:, 2:] = 0
     run, lattice = _lattice(xp, problem)
-    both, first_state = with_mirror_image(run.xp, lattice)
-    _, (history, _) = run_recursion(run.xp, run.backend.scan, both, keep_history=True, first_state=first_state)
+    both, first_state, elsewhere = with_mirror_image(run.xp, lattice)
+    _, (history, _) = run_recursion(run.xp, run.backend.scan, both, keep_history=True, first_state=first_state, elsewhere=elsewhere)
     mirrored, starts = xp.to_numpy(history[0])[:, 1, ...], xp.to_numpy(first_state)[1]
     valid_frames = (1 - problem.logit_paddings[:, ::-1]).cumsum(axis=1).T  # mirrored frames seen
     for sequence, start in enumerate(starts):
@@ -71,12 +71,25 @@ def test_the_mirror_images_padded_labels_stay_log_zero(xp):
         assert below.size and np.all(below[valid_frames[:, sequence] >= 2] < -1.9e5), below.max()
 
 
-def test_a_log_epsilon_that_does_not_vanish_in_exp_keeps_the_shares(xp):
-    problem = random_problem(np.random.default_rng(5), 3, 12, 4, 3)
-    ((shares_final, shares), (mirror_final, mirror)), _ = _both_ways(xp, problem, log_epsilon=-50.0)
-    np.testing.assert_array_equal(mirror, shares)
+@pytest.mark.parametrize("log_epsilon", [-50.0, -300.0, -1e5])
+def test_the_mirror_image_counts_the_paths_that_log_epsilon_weighs_as_the_loss_does(xp, log_epsilon):
+    """Labels 1 2 1 2 ... on 100 frames whose blank has logit 10: each label costs about 10
+    nats, so the 40 labels' paths cost more than -log_epsilon and the paths that "log 0"
+    allows count. The mirror image's beta counted paths ending on any state (its other states
+    began at log_epsilon, and its start could jump to the blank two states on), 3.4e-5 off the
+    shares; a log_epsilon above -1000 took the shares instead. Now the same occupancies, also
+    for a sequence that cannot be aligned (too few frames) beside it."""
+    logits = np.zeros((2, 100, 3))
+    logits[..., 0] = 10.0
+    labels = np.array([[1, 2] * 20, [1, 1] * 20])
+    paddings = np.zeros((2, 100))
+    paddings[1, 50:] = 1.0  # 50 frames for 40 labels with 39 repeats: impossible
+    problem = Problem(logits, paddings, labels, np.zeros((2, 40)))
+    ((shares_final, shares), (mirror_final, mirror)), _ = _both_ways(xp, problem, log_epsilon=log_epsilon)
     for by_shares, by_mirror in zip(shares_final, mirror_final):
-        np.testing.assert_array_equal(by_mirror, by_shares)
+        np.testing.assert_allclose(by_mirror, by_shares, rtol=1e-12, atol=1e-12)
+    valid = paddings.T == 0
+    np.testing.assert_allclose(mirror[valid], shares[valid], rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("platform", ["cpu", "gpu"])
