@@ -644,6 +644,12 @@ def _accumulate(hi: Array, lo: Array, value: Array) -> tuple[Array, Array]:
     return total, lo + error
 
 
+def log_nothing(xp, dtype) -> float:
+    """What a log state holds where no path can be: half the dtype's most negative number, finite
+    (so no ``-inf - -inf``) and far below anything a path holds (see :func:`_edge_and_penalty`)."""
+    return float(xp.finfo(dtype).min) / 2
+
+
 def _edge_and_penalty(xp, skip_allowed: Array, log_epsilon: float, dtype):
     """Built once per scan: two states beyond the lattice's edge, and log_epsilon on forbidden
     jumps (added rather than selected: one op, and a forbidden jump can't win or count); on a
@@ -659,7 +665,7 @@ def _edge_and_penalty(xp, skip_allowed: Array, log_epsilon: float, dtype):
     (by padded labels that emit with probability one), cutting losses of that size to about
     -log_epsilon. optax's log 0 is absolute, and feeds nothing in.
     """
-    nothing = float(xp.finfo(dtype).min) / 2
+    nothing = log_nothing(xp, dtype)
     edge = _two_columns(xp, skip_allowed, nothing, dtype)
     forbidden = xp.where(_is_blank(xp, skip_allowed), xp.full_like(skip_allowed, nothing, dtype=dtype), xp.full_like(skip_allowed, log_epsilon, dtype=dtype))
     penalty = xp.where(skip_allowed, xp.zeros_like(skip_allowed, dtype=dtype), forbidden)
@@ -1022,7 +1028,7 @@ def with_mirror_image(xp, lattice: Lattice) -> tuple[Lattice, Array, Array]:
         skip_allowed=xp.stack([skip_allowed, mirrored_skips], axis=0),
     )
     log_zero = xp.full_like(emissions[0, :, 0], lattice.log_epsilon)  # (B,)
-    nothing = xp.full_like(log_zero, float(xp.finfo(emissions.dtype).min) / 2)  # as the edge states hold
+    nothing = xp.full_like(log_zero, log_nothing(xp, emissions.dtype))  # as the edge states hold
     return both, xp.stack([xp.zeros_like(mirror_start), mirror_start], axis=0), xp.stack([log_zero, nothing], axis=0)
 
 
