@@ -97,7 +97,7 @@ def in_namespace_of(xp, reference: Array, name: str, x) -> Array:
             return xp.asarray(x, device=_where_to_put(reference))
         except Exception as error:  # strings, objects: torch cannot hold them
             if x.dtype.kind == "f" and x.dtype.itemsize < 4:  # a namespace without float16 (array_api_strict)
-                return xp.asarray(x.astype(np.float32), device=device(reference))  # exactly
+                return xp.asarray(x.astype(np.float32), device=_where_to_put(reference))  # exactly
             if x.dtype.kind in "biuf" and is_jax_namespace(xp):
                 try:  # JAX logits sharded over a mesh with explicit axes, which asarray cannot place
                     return xp.asarray(x)  # on no device in particular: JAX moves it to the logits

@@ -680,7 +680,7 @@ def _is_blank(xp, skip_allowed: Array) -> Array:
 
 
 def make_lattice_step(
-    xp, *, semiring, skip_allowed: Array, log_epsilon: float, dtype, keep_history: bool, frames_per_step: int = 1, on_paths: Array | None = None
+    xp, *, semiring, skip_allowed: Array, on_paths: Array, log_epsilon: float, dtype, keep_history: bool, frames_per_step: int = 1
 ) -> tuple[Callable, Callable, Callable]:
     """The one step of the CTC recursion, for the scan: a block of frames, then a renormalisation.
 
@@ -699,8 +699,8 @@ def make_lattice_step(
     With several, each frame's state is joined to the edge before it, as before (NumPy with
     the edge in the carry, its first state of a block a view: 0.95x and 0.96x on `char` and
     `long`, 31 rounds; within this VM's noise, but nothing to gain there).
-    The renormalisation takes the maximum over the (..., S) states ``on_paths`` (all, where
-    None): see :func:`states_on_paths`.
+    The renormalisation takes the maximum over the (..., S) states ``on_paths``: see
+    :func:`states_on_paths`.
     block: (log_emissions (F, ..., S), padded (F, ...)) for F = ``frames_per_step`` consecutive
     frames; without the F axis when F is 1 (a blocked layout made XLA 25% slower on `long`).
     Outputs per block: if ``keep_history``, the F states after each frame (relative to the
@@ -711,15 +711,8 @@ def make_lattice_step(
     num_states = skip_allowed.shape[-1]
     edge, penalty = semiring.edge_and_penalty(xp, skip_allowed, log_epsilon, dtype)
     edge_in_carry = frames_per_step == 1
-    if semiring.renormalised and on_paths is not None:
-        off_paths = xp.full_like(penalty, float(xp.finfo(dtype).min))  # made once per scan
-
-        def peak_of(state):
-            return xp.max(xp.where(on_paths, state, off_paths), axis=-1)
-    else:
-
-        def peak_of(state):
-            return xp.max(state, axis=-1)
+    if semiring.renormalised:  # what stands in for the states off the paths in the maximum, made once per scan
+        off_paths = xp.full_like(on_paths, float(xp.finfo(dtype).min), dtype=dtype)
 
     def with_edge(state):  # the edge states in front (each array of a scaled state alike)
         return tree_map(lambda beyond, part: xp.concat([beyond, part], axis=-1), edge, state)
@@ -756,7 +749,7 @@ def make_lattice_step(
             states.append(state)
             choices.append(choice)
         if semiring.renormalised:  # a log state: its maximum into the offsets
-            peak = peak_of(state)
+            peak = xp.max(xp.where(on_paths, state, off_paths), axis=-1)
             new_carry = (to_carry(state - peak[..., None]),) + _accumulate(offset_hi, offset_lo, peak)
         else:  # a scaled state keeps its own powers of two
             new_carry = (to_carry(state), offset_hi, offset_lo)

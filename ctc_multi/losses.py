@@ -71,11 +71,11 @@ class _Problem:
             return function(self, *arrays)
         import numpy as np
 
-        on_numpy = self.on_numpy()  # run as NumPy's adapter runs its functions (its error state)
         # The caller's arrays are not NumPy's: no NumPy warning (a NaN logit's "invalid value")
-        # nor a NumPy error state of theirs applies; the framework's own ops report none.
+        # nor a NumPy error state of theirs applies; the framework's own ops report none. (This
+        # covers the underflow that NumPy's own ``compiled`` ignores for NumPy arrays.)
         with np.errstate(all="ignore"):
-            results = on_numpy.backend.compiled(function, 1)(on_numpy, *views)
+            results = function(self.on_numpy(), *views)
         return tree_map(self.backend.from_numpy, results)
 
     def lattice(self, logits, logit_padded, labels, label_padded, *, differentiable=True):
