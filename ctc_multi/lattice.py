@@ -1083,7 +1083,9 @@ def loss_from_final_state(xp, lattice: Lattice, final_carry, index_dtype) -> Arr
     lengths = xp.astype(lattice.label_lengths, index_dtype)[:, None]
     log_likelihood = xp.take_along_axis(per_length, lengths, axis=1)[:, 0]
     loss = -((log_likelihood + offset_lo) + offset_hi)
-    # A probability is at most one; a rounding-level negative value is clamped, nothing more.
+    # A probability is at most one; a rounding-level negative value is clamped, nothing more,
+    # and a certain sequence's loss is +0.0 (a log-likelihood of 0.0 negates to -0.0, which
+    # torch's maximum would keep); NaN stays NaN.
     # Where an unpadded label is the blank (state 0's class), the lattice counts some frame
     # sequences twice and the sum may pass one: that loss is optax's and torch's, and the
     # gradient's, so it stays as it is. (Not for an impossible sequence: under jax.jit an
@@ -1092,7 +1094,7 @@ def loss_from_final_state(xp, lattice: Lattice, final_carry, index_dtype) -> Arr
     positions = xp.arange(label_classes.shape[-1], device=_device(label_classes))
     unpadded = positions < xp.astype(lattice.label_lengths, positions.dtype)[:, None]
     blank_as_label = xp.any((label_classes == lattice.state_classes[:, :1]) & unpadded, axis=1) & lattice.feasible
-    return xp.where(blank_as_label, loss, xp.maximum(loss, xp.zeros_like(loss)))
+    return xp.where(blank_as_label, loss, xp.where(loss <= 0.0, xp.zeros_like(loss), loss))
 
 
 def forward_probs_from_history(xp, history) -> tuple[Array, Array]:

@@ -720,6 +720,35 @@ def test_torch_backward_of_the_sum_again_with_retain_graph():
         torch.autograd.grad(loss.sum(), logits)
 
 
+@pytest.mark.parametrize("hooks", ["save_on_cpu", "identity", "clone_on_pack"])
+def test_torch_changed_hand_back_raises_under_saved_tensor_hooks(hooks):
+    """Under saved-tensor hooks torch does not check saved tensors' versions: a gradient handed
+    back by the first backward and changed in place was returned by the second one (0.74 off,
+    silently, under ``save_on_cpu``). It must raise as without hooks; unchanged, it agrees."""
+    torch = pytest.importorskip("torch")
+    make_hooks = {
+        "save_on_cpu": torch.autograd.graph.save_on_cpu,
+        "identity": lambda: torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t),
+        "clone_on_pack": lambda: torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t),
+    }[hooks]
+    problem = random_problem(np.random.default_rng(92), 3, 6, 4, 3)
+    _, expected = ctc_reference(*problem)
+    tolerance = TOLERANCE["gradient_float64"]
+    for change in (False, True):
+        logits = torch.tensor(problem.logits, dtype=torch.float64, requires_grad=True)
+        with make_hooks():
+            loss = ctc_multi.ctc_loss(logits, *(torch.as_tensor(array) for array in problem[1:])).sum()
+        (first,) = torch.autograd.grad(loss, logits, retain_graph=True)
+        np.testing.assert_allclose(first.numpy(), expected, **tolerance)
+        if not change:
+            (second,) = torch.autograd.grad(loss, logits)
+            np.testing.assert_allclose(second.numpy(), expected, **tolerance)
+            continue
+        first.clamp_(-0.01, 0.01)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            torch.autograd.grad(loss, logits)
+
+
 # ---------------------------------------------------------------------------------------------
 # Property tests: random small problems, every backend against the reference
 # ---------------------------------------------------------------------------------------------

@@ -538,6 +538,19 @@ def test_loss_is_never_negative(xp):
     assert 0.0 <= loss[0] <= 1e-6
 
 
+def test_a_certain_sequence_loses_plus_zero(xp):
+    """Only the blank can be emitted and the labels are empty: the loss is +0.0, not -0.0.
+
+    (torch's own loop printed tensor([-0.]): a log-likelihood of 0.0, negated.)"""
+    logits = np.full((2, 3, 4), -1e4)
+    logits[..., 0] = 0.0
+    problem = Problem(logits, np.zeros((2, 3)), np.zeros((2, 2), dtype=np.int64), np.ones((2, 2)))
+    for dtype in ("float32", "float64"):
+        (loss, _, _), _ = run(xp, problem, dtype=dtype)
+        assert np.array_equal(loss, [0.0, 0.0])
+        assert not np.any(np.signbit(loss)), loss
+
+
 def test_confident_logits_give_non_negative_losses(xp):
     """Near-certain float32 alignments: rounding must not push any loss below zero."""
     problem = standard_problem(21, scale=40.0)

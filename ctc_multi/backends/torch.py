@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch.autograd import forward_ad
 
@@ -77,10 +79,13 @@ class _ExplicitGradient(torch.autograd.Function):
     @staticmethod
     def backward(ctx, cotangent):
         anchor, *residuals = ctx.saved_tensors
+        _refuse_a_changed_hand_back(ctx, residuals[0])
         gradient = ctx.backward_function(tuple(residuals), cotangent)
         if gradient is residuals[0]:  # is_all_ones's shortcut
             if not ctx.hand_back_saved:
                 gradient = gradient.clone()
+            else:
+                ctx.handed_back = (weakref.ref(gradient), gradient._version)
             # Once only: a second backward over the graph (retain_graph) that handed back the
             # same tensor again made two torch.autograd.grad results one tensor, so that adding
             # one into the other changed both.
@@ -94,6 +99,21 @@ class _ExplicitGradient(torch.autograd.Function):
             # as it is made, and stays.
             gradient = gradient + _SecondDerivativeRefused.apply(anchor)
         return (None, gradient, None) + (None,) * ctx.num_others
+
+
+def _refuse_a_changed_hand_back(ctx, saved):
+    """Raise where an earlier backward over this graph handed back ``saved`` itself and the
+    caller has changed it in place since. torch's own check of saved tensors raises there, but
+    not under saved-tensor hooks (``torch.autograd.graph.save_on_cpu``, any
+    ``saved_tensors_hooks``), which hand back what they packed unchecked: the second gradient
+    was then the changed tensor, silently."""
+    handed_back = getattr(ctx, "handed_back", None)
+    if handed_back is not None and handed_back[0]() is saved and saved._version != handed_back[1]:
+        raise RuntimeError(
+            "one of the variables needed for gradient computation has been modified by an inplace "
+            "operation: the gradient that an earlier backward over this graph returned (ctc_multi "
+            "hands back its saved gradient itself), changed in place since; change a clone instead"
+        )
 
 
 def with_explicit_gradient(forward, forward_with_residuals, backward):
