@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -95,7 +96,12 @@ def viterbi_log_epsilon(xp, dtype, num_frames: int) -> float:
     ``(T + 1)`` times this (it may stay put, and each frame's emission is floored to this),
     and a step adds at most two more (a forbidden jump, an emission) beside the edge states'
     half of the lowest value: so a ``2 (T + 4)``-th of the lowest value keeps all of them finite.
+    A symbolic T (``jax.export`` for any number of frames) takes the bound for any int32 count.
     """
+    try:
+        num_frames = operator.index(num_frames)
+    except TypeError:
+        num_frames = 2**31 - 1
     return float(xp.finfo(dtype).min) / (2 * (num_frames + 4))
 
 

@@ -672,11 +672,17 @@ def _edge_and_penalty(xp, skip_allowed: Array, log_epsilon: float, dtype):
     return edge, penalty
 
 
+def _as_rank(xp, x: Array, ndim: int) -> Array:
+    """``x`` with leading axes of size one up to ``ndim`` axes: broadcasting made explicit, as
+    JAX's ``jax_numpy_rank_promotion="raise"`` requires (optax runs under it)."""
+    return xp.reshape(x, (1,) * (ndim - x.ndim) + tuple(x.shape))
+
+
 def _is_blank(xp, skip_allowed: Array) -> Array:
     """(..., S) True on the blank states, the even ones (also in the mirror image: S is odd)."""
     state_ids = xp.arange(skip_allowed.shape[-1], device=_device(skip_allowed))
     # made from an array like skip_allowed, so that it has its sharding (a batch-sharded mesh)
-    return (xp.zeros_like(skip_allowed, dtype=state_ids.dtype) + state_ids) % 2 == 0
+    return (xp.zeros_like(skip_allowed, dtype=state_ids.dtype) + _as_rank(xp, state_ids, skip_allowed.ndim)) % 2 == 0
 
 
 def make_lattice_step(
@@ -770,7 +776,8 @@ def states_on_paths(xp, lattice: Lattice, first_state: Array | None = None) -> A
     loss was 0.67 from float64 with padded labels of -1, 0.006 with padded labels of 1."""
     state_ids = xp.arange(lattice.skip_allowed.shape[-1], device=_device(lattice.skip_allowed))
     first = xp.zeros_like(lattice.label_lengths) if first_state is None else first_state
-    last = first + 2 * lattice.label_lengths
+    last = first + _as_rank(xp, 2 * lattice.label_lengths, first.ndim)
+    state_ids = _as_rank(xp, state_ids, first.ndim + 1)
     return (state_ids >= first[..., None]) & (state_ids <= last[..., None])
 
 
@@ -782,7 +789,7 @@ def initial_state(xp, lattice: Lattice, first_state: Array | None = None, elsewh
     template = xp.zeros_like(lattice.skip_allowed, dtype=lattice.logits.dtype)  # (..., S)
     num_states = template.shape[-1]
     state_ids = xp.arange(num_states, device=_device(template))
-    is_start = state_ids == 0 if first_state is None else state_ids == first_state[..., None]
+    is_start = state_ids == 0 if first_state is None else _as_rank(xp, state_ids, first_state.ndim + 1) == first_state[..., None]
     log_zero = xp.full_like(template, lattice.log_epsilon) if elsewhere is None else xp.broadcast_to(elsewhere[..., None], template.shape)
     log_state = xp.where(is_start, xp.zeros_like(template), log_zero)
     zero = xp.zeros_like(template[..., 0])
@@ -895,7 +902,7 @@ def _gathering(xp, lattice: Lattice, step: Callable) -> Callable:
 def _ending_occupancy(xp, lattice: Lattice, final_log_state: Array) -> Array:
     """(B, S) where the paths are after the last frame: on the last blank (2L) or the last label
     (2L - 1), in proportion to their probabilities."""
-    state_ids = xp.arange(final_log_state.shape[-1], device=_device(final_log_state))
+    state_ids = xp.arange(final_log_state.shape[-1], device=_device(final_log_state))[None, :]
     last_blank = 2 * lattice.label_lengths[:, None]
     is_end = (state_ids == last_blank) | (state_ids == last_blank - 1)
     # The largest of the two end states alone, not of them and log_epsilon: where both lie far
@@ -1010,7 +1017,7 @@ def with_mirror_image(xp, lattice: Lattice) -> tuple[Lattice, Array, Array]:
     emissions, skip_allowed = lattice.log_emissions, lattice.skip_allowed
     num_states = emissions.shape[-1]
     mirror_start = (num_states - 1) - 2 * lattice.label_lengths  # (B,): the last blank, mirrored
-    below_start = xp.arange(num_states, device=_device(emissions)) < mirror_start[:, None]
+    below_start = xp.arange(num_states, device=_device(emissions))[None, :] < mirror_start[:, None]
     mirrored = xp.where(below_start, xp.full_like(emissions, lattice.log_epsilon), xp.flip(emissions, axis=(0, 2)))
     # Into mirrored state s' from s' - 2 is from s + 2 to s here: the jump into state s + 2.
     mirrored_skips = xp.concat([xp.zeros_like(skip_allowed[:, :2]), xp.flip(skip_allowed, axis=1)[:, :-2]], axis=1)
@@ -1092,7 +1099,7 @@ def loss_from_final_state(xp, lattice: Lattice, final_carry, index_dtype) -> Arr
     # out-of-range label, clipped into [0, K), may land on the blank's class.)
     label_classes = lattice.state_classes[:, 1::2]
     positions = xp.arange(label_classes.shape[-1], device=_device(label_classes))
-    unpadded = positions < xp.astype(lattice.label_lengths, positions.dtype)[:, None]
+    unpadded = positions[None, :] < xp.astype(lattice.label_lengths, positions.dtype)[:, None]
     blank_as_label = xp.any((label_classes == lattice.state_classes[:, :1]) & unpadded, axis=1) & lattice.feasible
     return xp.where(blank_as_label, loss, xp.where(loss <= 0.0, xp.zeros_like(loss), loss))
 
@@ -1103,14 +1110,16 @@ def forward_probs_from_history(xp, history) -> tuple[Array, Array]:
     blank = log_alpha[..., 0::2]
     last_row = blank_row_with_final_labels(xp, log_alpha[-1, ...])
     blank = xp.concat([blank[:-1, ...], last_row[None, ...]], axis=0)
-    return blank, log_alpha[..., 1::2]
+    # A copy, in memory of its own: a strided view of the (T, B, 2N + 1) history kept all of it
+    # alive (and pickled it), about twice its own size, and torch's .view() refused it.
+    return blank, xp.concat([log_alpha[..., 1::2]], axis=0)
 
 
 def per_class_sum_by_matmul(xp, values: Array, state_classes: Array, num_classes: int) -> Array:
     """(B, T, S) values, (B, S) class of each state -> (B, T, K) sums per class, for namespaces
     without a scatter-add (the array API has none): a one-hot matmul, B*T*S*K multiply-adds."""
     class_axis = xp.arange(num_classes, dtype=state_classes.dtype, device=_device(state_classes))
-    emits_class = state_classes[:, :, None] == class_axis
+    emits_class = state_classes[:, :, None] == class_axis[None, None, :]
     return xp.matmul(values, xp.astype(emits_class, values.dtype))
 
 

@@ -684,6 +684,16 @@ def test_torch_forward_mode_ad_carries_the_tangent():
         label_lengths = np.maximum((problem.label_paddings == 0).sum(axis=1), 1)
         carried = forward_ad.unpack_dual(ctc_multi.ctc_loss(dual, *rest, reduction="mean")).tangent
         np.testing.assert_allclose(carried.numpy(), (expected / label_lengths).mean(), **TOLERANCE["float64"])
+    # Dual logits that also require grad (a model's output, here through a weight): the loss's
+    # Function has no jvp, so torch raised "You must implement the jvp function"; now the tangent
+    # is carried and the reverse-mode gradient of the weight is the reference's.
+    weight = torch.eye(logits.shape[-1], dtype=logits.dtype, requires_grad=True)
+    with forward_ad.dual_level():
+        loss = ctc_multi.ctc_loss(forward_ad.make_dual(logits, tangent) @ weight, *rest)
+        np.testing.assert_allclose(forward_ad.unpack_dual(loss).tangent.detach().numpy(), expected, **TOLERANCE["float64"])
+    loss.sum().backward()
+    expected_weight_gradient = np.einsum("btk,btj->kj", problem.logits, gradient)
+    np.testing.assert_allclose(weight.grad.numpy(), expected_weight_gradient, **TOLERANCE["gradient_float64"])
 
 
 def test_torch_backward_of_the_sum_again_with_retain_graph():
@@ -862,15 +872,18 @@ def test_torch_three_backward_passes_through_a_view_of_the_leaf():
         np.testing.assert_allclose(logits.grad.numpy(), 3 * expected, **TOLERANCE["gradient_float64"], err_msg=name)
 
 
+@pytest.mark.parametrize("eager", [True, False], ids=["eager_under_compile", "traced"])
 @pytest.mark.parametrize("case", ["view", "torch_ctc_loss"])
-def test_torch_compile_of_a_view_and_of_torch_ctc_loss(case):
+def test_torch_compile_of_a_view_and_of_torch_ctc_loss(case, eager):
     """torch.compile of a training step whose logits are a view (``x.view``; torch_ctc_loss
-    transposes its input inside): the gradient is eager mode's. Each in a fresh process, since
-    an earlier compile in the same one can hide the failure (a view's base is unknown while
-    dynamo traces; reading it failed the compile)."""
+    transposes its input inside): the gradient is eager mode's, with ctc_multi run eagerly
+    (the default) or traced (``EAGER_UNDER_TORCH_COMPILE = False``). Each in a fresh process,
+    since an earlier compile in the same one can hide the failure (a view's base is unknown
+    while dynamo traces; reading it failed the compile)."""
     pytest.importorskip("torch")
     script = f"""
-import torch, ctc_multi
+import torch, ctc_multi, ctc_multi.backends.torch
+ctc_multi.backends.torch.EAGER_UNDER_TORCH_COMPILE = {eager}
 torch.manual_seed(0)
 B, T, K, N = 2, 8, 5, 3
 x0, w = torch.randn(B, T, K, dtype=torch.float64), torch.randn(K, K, dtype=torch.float64)
@@ -890,3 +903,37 @@ print("max difference", float((compiled - x.grad).abs().max()))
     result = run_in_fresh_python(script)
     assert result.returncode == 0, result.stderr[-2000:]
     assert float(result.stdout.split("max difference")[-1]) < 1e-12
+
+
+def test_torch_compile_runs_ctc_multi_eagerly_for_any_number_of_frames():
+    """A compiled training step over batches of 12 frame counts: no recompilation storm (the
+    traced loop was compiled anew for each number of frames, 17 to 24 s each, and after eight
+    torch gave up: here that limit raises), the gradient eager mode's. ``fullgraph=True``
+    refuses the graph break with a message naming the switch that traces ctc_multi instead."""
+    pytest.importorskip("torch")
+    script = """
+import torch, ctc_multi
+torch._dynamo.config.fail_on_recompile_limit_hit = True
+torch.manual_seed(0)
+B, K, N = 3, 5, 3
+w = torch.randn(K, K, dtype=torch.float64, requires_grad=True)
+def step(x, paddings, labels, label_paddings):
+    return ctc_multi.ctc_loss(x @ w, paddings, labels, label_paddings).sum()
+compiled = torch.compile(step)
+worst = 0.0
+for T in range(10, 22):
+    args = (torch.randn(B, T, K, dtype=torch.float64), torch.zeros(B, T), torch.randint(1, K, (B, N)), torch.zeros(B, N))
+    compiled(*args).backward()
+    got, w.grad = w.grad, None
+    step(*args).backward()
+    worst, w.grad = max(worst, float((got - w.grad).abs().max())), None
+print("max difference", worst)
+try:  # a function of its own: dynamo would reuse step's compiled code
+    torch.compile(lambda x: ctc_multi.ctc_loss(x, *args[1:]).sum(), fullgraph=True)(args[0])
+except Exception as error:
+    print("fullgraph:", str(error).replace(chr(10), " "))
+"""
+    result = run_in_fresh_python(script)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert float(result.stdout.split("max difference")[-1].split()[0]) < 1e-12
+    assert "EAGER_UNDER_TORCH_COMPILE = False" in result.stdout.split("fullgraph:")[-1]

@@ -217,3 +217,75 @@ def test_differentiating_ctc_loss_and_grad_raises(jax_x64):
     np.testing.assert_allclose(np.asarray(gradient), np.asarray(expected_gradient), **TOLERANCE["gradient_float64"])
     mapped = jax.vmap(lambda x: ctc_multi.ctc_loss_and_grad(x[None], *(a[:1] for a in others))[0])(logits[:1])
     np.testing.assert_allclose(np.asarray(mapped)[:, 0], np.asarray(expected_loss)[:1], **TOLERANCE["float64"])
+
+
+@pytest.mark.parametrize(("platform", "cells"), [("cpu", "small"), ("cpu", "gathered_in_scan"), ("gpu", "small")])
+def test_every_entry_point_under_rank_promotion_raise(jax_x64, monkeypatch, platform, cells):
+    """``jax_numpy_rank_promotion="raise"`` (optax runs under it): every entry point broadcasts
+    explicitly (each raised "Operands could not be broadcast together"), on the CPU's paths and
+    the GPU's (``jax.default_backend()`` patched, caches cleared), below and above the size
+    from which the scan gathers its emissions; the loss as without the option."""
+    jax = jax_x64
+    import jax.numpy as jnp
+
+    monkeypatch.setattr(jax, "default_backend", lambda: platform)
+    jax.clear_caches()
+    B, T, K, N = (3, 7, 4, 3) if cells == "small" else (8, 200, 40, 80)
+    problem = random_problem(np.random.default_rng(210), B, T, K, N, **PROBLEM_OPTIONS)
+    logits, *rest = (jnp.asarray(array) for array in problem)
+    expected, expected_gradient = ctc_reference(*problem, blank_id=BLANK_ID)
+    lengths = (jnp.full((B,), T), jnp.asarray((problem.label_paddings == 0).sum(axis=1)))
+    try:
+        with jax.numpy_rank_promotion("raise"):
+            loss = ctc_multi.ctc_loss(logits, *rest, blank_id=BLANK_ID)
+            gradient = jax.jit(jax.grad(lambda x: ctc_multi.ctc_loss(x, *rest, blank_id=BLANK_ID, reduction="mean", zero_infinity=True).sum()))(logits)
+            _, blank, nonblank = ctc_multi.ctc_loss_with_forward_probs(logits, *rest, blank_id=BLANK_ID)
+            jax.grad(lambda x: ctc_multi.ctc_loss_with_forward_probs(x, *rest, blank_id=BLANK_ID)[0].sum())(logits)
+            _, numpy_gradient = ctc_multi.ctc_loss_and_grad(logits, *rest, blank_id=BLANK_ID)
+            tokens, scores = ctc_multi.forced_align(logits, *rest, blank_id=BLANK_ID)
+            ctc_multi.merge_tokens(tokens, scores, blank_id=BLANK_ID)
+            jax.grad(lambda x: ctc_multi.ctc_posteriors(x, *rest, blank_id=BLANK_ID).sum())(logits)
+            ctc_multi.torch_ctc_loss(jax.nn.log_softmax(jnp.swapaxes(logits, 0, 1)), rest[1], *lengths, blank=BLANK_ID)
+            ctc_multi.paddings_to_lengths(rest[0])
+            ctc_multi.lengths_to_paddings(lengths[1], N)
+    finally:
+        jax.clear_caches()
+    np.testing.assert_allclose(np.asarray(loss), expected, **TOLERANCE["float64"])
+    np.testing.assert_allclose(np.asarray(numpy_gradient), expected_gradient, **TOLERANCE["gradient_float64"])
+    assert np.all(np.isfinite(np.asarray(gradient))) and blank.shape == (T, B, N + 1) and nonblank.shape == (T, B, N)
+
+
+def test_jax_export_for_any_batch_and_number_of_frames(jax_x64):
+    """``jax.export`` with symbolic batch and frames (shape polymorphism, as optax's loss
+    exports): the exported programs give, for each concrete shape, what a direct call gives.
+    A symbolic size failed every entry point ("Symbolic dimension comparison '108*b' >= '262144'
+    is inconclusive": whether the scan gathers its emissions; the scan's unroll; forced_align's
+    log 0, which depends on T)."""
+    jax = jax_x64
+    import jax.numpy as jnp
+    from jax import export
+
+    K, N = 5, 4
+    batch, frames = export.symbolic_shape("b, t")
+    spec = [
+        jax.ShapeDtypeStruct((batch, frames, K), jnp.float64),
+        jax.ShapeDtypeStruct((batch, frames), jnp.float64),
+        jax.ShapeDtypeStruct((batch, N), jnp.int32),
+        jax.ShapeDtypeStruct((batch, N), jnp.float64),
+    ]
+    functions = {
+        "ctc_loss": ctc_multi.ctc_loss,
+        "grad": jax.grad(lambda x, *rest: ctc_multi.ctc_loss(x, *rest).sum()),
+        "ctc_loss_with_forward_probs": ctc_multi.ctc_loss_with_forward_probs,
+        "forced_align": ctc_multi.forced_align,
+        "ctc_posteriors": ctc_multi.ctc_posteriors,
+    }
+    # the second shape has more than 2**18 lattice cells, from which a direct call on a CPU
+    # gathers the emissions in the scan
+    problems = [random_problem(np.random.default_rng(seed), B, T, K, N) for seed, (B, T) in enumerate([(3, 12), (64, 500)])]
+    for name, function in functions.items():
+        exported = export.export(jax.jit(function))(*spec)
+        for problem in problems:
+            arrays = [jnp.asarray(array, dtype=jnp.int32 if array.dtype.kind == "i" else jnp.float64) for array in problem]
+            for got, want in zip(jax.tree_util.tree_leaves(exported.call(*arrays)), jax.tree_util.tree_leaves(function(*arrays))):
+                np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-12, atol=1e-12, err_msg=name)

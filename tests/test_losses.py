@@ -163,6 +163,21 @@ def test_types_dtypes_and_shapes(xp, dtype, result_dtype):
     np.testing.assert_allclose(xp.to_numpy(loss_only), expected, **TOLERANCE[result_dtype])
 
 
+def test_forward_probs_are_arrays_of_their_own(xp):
+    """Each result holds only its own values, C-ordered: logalpha_nonblank was a stride-2 view
+    of the whole (T, B, 2N + 1) history (NumPy, torch), which kept and pickled about twice its
+    size, and which torch's ``.view(-1)`` refused."""
+    problem = standard_problem(11)
+    arrays, _ = to_backend(xp, problem, "float32")
+    for result in ctc_multi.ctc_loss_with_forward_probs(*arrays):
+        if isinstance(result, np.ndarray):
+            assert result.flags.c_contiguous and result.base is None
+        elif type(result).__module__.startswith("torch"):
+            assert result.is_contiguous()
+            assert result.untyped_storage().nbytes() == result.numel() * result.element_size()
+            result.view(-1)
+
+
 def test_empty_labels(xp):
     """All labels padded (with values in and out of [0, K)): only the blank can be emitted."""
     problem = standard_problem(11, frame_layout="anywhere")

@@ -49,9 +49,19 @@ FRAMES_PER_STEP = 1
 GATHER_IN_SCAN_MIN_CELLS = {"cpu": 2**18}
 
 
+def _is_symbolic(dimension) -> bool:
+    """Whether a shape's size is a symbol (``jax.export`` with shape polymorphism), which has no
+    answer to ``>=`` and no unrolling."""
+    from jax import export
+
+    return export.is_symbolic_dim(dimension)
+
+
 def gather_in_scan(num_cells: int) -> bool:
     threshold = GATHER_IN_SCAN_MIN_CELLS.get(jax.default_backend())
-    return threshold is not None and num_cells >= threshold
+    # A symbolic size (an exported program for any batch, say) keeps the whole gather, which
+    # serves every size.
+    return threshold is not None and not _is_symbolic(num_cells) and num_cells >= threshold
 
 
 def unroll(*, reverse: bool, renormalised: bool = True) -> int:
@@ -62,6 +72,8 @@ def unroll(*, reverse: bool, renormalised: bool = True) -> int:
 
 def scan(step, init, xs, *, reverse=False):
     steps = unroll(reverse=reverse, renormalised=getattr(step, "renormalised", True))
+    if _is_symbolic(jax.tree_util.tree_leaves(xs)[0].shape[0]):
+        steps = 1  # lax.scan cannot unroll a symbolic number of frames
     return jax.lax.scan(step, init, xs, reverse=reverse, unroll=steps)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import weakref
 
 import torch
@@ -118,7 +119,10 @@ def _refuse_a_changed_hand_back(ctx, saved):
 
 def with_explicit_gradient(forward, forward_with_residuals, backward):
     def loss(logits, *others):
-        if not (torch.is_grad_enabled() and logits.requires_grad):
+        if not (torch.is_grad_enabled() and logits.requires_grad) or forward_ad.unpack_dual(logits).tangent is not None:
+            # A dual tensor (forward-mode AD) that also requires grad (a model's output): the
+            # Function below has no jvp, so torch raised; torch's own ops carry the tangent, and
+            # autograd records them for the reverse mode.
             return forward(logits, *others)
         # A 0-d tensor that depends on the logits without keeping them (no version counter
         # shared with them, so changing them in place later stays allowed; no copy of them
@@ -228,8 +232,26 @@ def refuse_derivatives(logits, outputs, message):
     return outputs  # they do not require grad: autograd refuses to differentiate them by itself
 
 
+# Under torch.compile, whether the computation (after the input checks) runs eagerly, a graph
+# break, rather than traced: traced, its loop over the frames is unrolled into the graph, which
+# is compiled anew for each number of frames (17 to 24 s each for 10 to 17 frames on this
+# project's 2-core CPU; after eight torch gave up and ran it eagerly; ``dynamic=True`` did not
+# help). False traces it, as ``fullgraph=True`` requires.
+EAGER_UNDER_TORCH_COMPILE = True
+
+
 def compiled(function, num_static):
-    return function  # runs op by op; nothing to compile
+    """``function`` as it is (it runs op by op); under torch.compile, eagerly (above)."""
+    return functools.partial(_run_eagerly, function) if EAGER_UNDER_TORCH_COMPILE else function
+
+
+@functools.partial(
+    torch.compiler.disable,
+    reason="ctc_multi runs eagerly under torch.compile (a graph break), as its loop over the frames would be "
+    "compiled anew for each number of frames; ctc_multi.backends.torch.EAGER_UNDER_TORCH_COMPILE = False traces it",
+)
+def _run_eagerly(function, *args):
+    return function(*args)
 
 
 def placed_like(x, logits):
