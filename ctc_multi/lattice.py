@@ -307,9 +307,12 @@ def sum_semiring(scaled: bool, with_shares: bool = False):
 
 
 def finite_peak(xp, logits: Array) -> Array:
-    """(…, K) -> (…,) each row's largest value, 0 where it is not finite (rows all -inf)."""
+    """(…, K) -> (…,) each row's largest value, 0 where it is -inf (rows all -inf). A +inf or
+    NaN peak stays, so that its row's log-softmax is NaN (inf - inf): with 0 there, a +inf logit
+    on a class that no label emits left the others at -inf, floored to log 0, and the loss
+    finite (1e5), where optax, torch and the README give NaN."""
     peak = xp.max(logits, axis=-1)
-    return xp.where(xp.isfinite(peak), peak, xp.zeros_like(peak))
+    return xp.where(peak == -math.inf, xp.zeros_like(peak), peak)
 
 
 def frames_without_softmax(xp, logits: Array, logit_padded: Array) -> Array:

@@ -472,3 +472,19 @@ def test_a_valid_path_costing_more_than_minus_log_epsilon_still_wins(xp):
     arrays, _ = to_backend(xp, problem)
     tokens, _ = (xp.to_numpy(r) for r in ctc_multi.forced_align(*arrays))
     assert list(collapse(tokens[0], 0)) == labels[0].tolist()
+
+
+def test_no_labels_and_a_blank_of_probability_zero_leave_no_alignment(xp):
+    """No labels (both padded, holding classes 1 and 2 in range) and the blank's logit -inf on
+    frame 1: the only path, all blanks, has probability 0, so no alignment (token -1, score
+    -inf). The backtrace must compare the final blank (state 0) with itself when there is no
+    last label (mutation A01: it read state -1, the padded labels' last state, reachable
+    through the padded labels 1 2 without a blank on frame 1, and returned all blanks with
+    scores [-1.1, -inf, -1.1, -1.1])."""
+    logits = np.zeros((1, 4, 3))
+    logits[0, 1, 0] = -np.inf
+    problem = Problem(logits, np.zeros((1, 4)), np.array([[1, 2]]), np.ones((1, 2)))
+    arrays, _ = to_backend(xp, problem)
+    tokens, scores = (xp.to_numpy(r) for r in ctc_multi.forced_align(*arrays))
+    assert tokens.tolist() == [[-1, -1, -1, -1]]
+    assert np.all(scores == -np.inf)

@@ -372,3 +372,11 @@ def test_empty_lists_of_lengths_are_integers():
     assert ctc_multi.lengths_to_paddings([], 5).shape == (0, 5)
     loss = ctc_multi.torch_ctc_loss(np.zeros((5, 0, 4), np.float32), np.zeros((0,), np.int64), [], [], reduction="sum")
     assert float(loss) == 0.0
+
+
+def test_a_length_past_int64s_largest_is_quoted_as_given():
+    """uint64 target_lengths of 2**63 + 1 turn negative in int64 and are refused; the message
+    quotes the value given (mutation N19: the converted one, -9223372036854775807)."""
+    lengths = np.array([2, 2**63 + 1], dtype=np.uint64)
+    with pytest.raises(ValueError, match="target_lengths must be non-negative .*; got 9223372036854775809 at target_lengths\\[1\\]"):
+        ctc_multi.torch_ctc_loss(_LOG_PROBS, _TARGETS, [6, 6], lengths)

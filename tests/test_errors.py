@@ -309,3 +309,27 @@ def test_wide_integers_beside_jax_logits_without_x64_are_checked_not_wrapped():
     # the clipped value is quoted as a bound
     assert "target_lengths must be non-negative" in lines[5] and "got 2147483647 or beyond (int32's limit)" in lines[5], lines[5]
     assert lines[-1].startswith("int64 label 1 -> [")  # an int64 array in range is taken as it is
+
+
+def test_the_first_offending_label_is_the_one_quoted(xp):
+    """Two labels outside [0, K): the message quotes the first in row-major order, as
+    first_offender's docstring says (mutation N15: first_true returned the last, 'got 9 at
+    labels[1, 1]')."""
+    labels = np.array([[5, 1], [2, 9]])
+    check_raises(xp, GOOD._replace(labels=labels, label_paddings=np.zeros((2, 2))), "labels", "got 5 at labels[0, 0]")
+
+
+def test_a_label_at_its_dtypes_lowest_value_is_quoted_as_a_bound(xp):
+    """first_offender writes an integer at either limit of its dtype as a bound (it may stand for
+    a wider one clipped on the way in): int8 -128 is 'got -128 or beyond (int8's limit)'
+    (mutation N17: only the largest value was written so, 'got -128 at labels[0, 0]')."""
+    labels = np.array([[-128, 1], [2, 0]], dtype=np.int8)
+    check_raises(xp, GOOD._replace(labels=labels), "labels", "got -128 or beyond (int8's limit) at labels[0, 0]")
+
+
+def test_a_label_past_int64s_largest_is_quoted_as_given(xp):
+    """A uint64 label of 2**63 + 1 turns negative in int64 and is refused; the message quotes the
+    value given (mutation N18: the converted one, 'got -9223372036854775807')."""
+    labels = np.array([[2**63 + 1, 1], [2, 0]], dtype=np.uint64)  # a NumPy array beside any backend's logits
+    with pytest.raises(ValueError, match=re.escape("got 9223372036854775809 at labels[0, 0]")):
+        ctc_multi.ctc_loss(xp.asarray(GOOD.logits), xp.asarray(GOOD.logit_paddings), labels, xp.asarray(GOOD.label_paddings))

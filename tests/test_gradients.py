@@ -937,3 +937,27 @@ except Exception as error:
     assert result.returncode == 0, result.stderr[-2000:]
     assert float(result.stdout.split("max difference")[-1].split()[0]) < 1e-12
     assert "EAGER_UNDER_TORCH_COMPILE = False" in result.stdout.split("fullgraph:")[-1]
+
+
+def test_the_gradient_where_both_end_states_lie_far_below_log_epsilon(xp):
+    """log_epsilon = -5 and class 1 certain on every frame (logit 500): the paths that read
+    labels 2 and 3 cost about 1000 nats, so after the last frame both end states lie ~1000
+    below the path states' peak and far below log_epsilon. The ending occupancy must take its
+    largest value from the two end states alone (mutation L24: from log_epsilon too, both
+    shares underflowed: 0 / 0, NaN in every gradient entry and posterior). Checked against
+    central differences of NumPy's float64 loss, which does not read the ending occupancy."""
+    logits = np.zeros((1, 10, 4))
+    logits[0, :, 1] = 500.0
+    problem = Problem(logits, np.zeros((1, 10)), np.array([[1, 2, 3]]), np.zeros((1, 3)))
+    arrays, _ = to_backend(xp, problem)
+    loss, grad = (xp.to_numpy(r) for r in ctc_multi.ctc_loss_and_grad(*arrays, log_epsilon=-5.0))
+    posteriors = xp.to_numpy(ctc_multi.ctc_posteriors(*arrays, log_epsilon=-5.0))
+    assert np.all(np.isfinite(grad)) and np.all(np.isfinite(posteriors))
+    step, numeric = 1e-5, np.zeros_like(logits)
+    for index in np.ndindex(logits.shape):
+        up, down = logits.copy(), logits.copy()
+        up[index] += step
+        down[index] -= step
+        numeric[index] = (ctc_multi.ctc_loss(up, *problem[1:], log_epsilon=-5.0)[0] - ctc_multi.ctc_loss(down, *problem[1:], log_epsilon=-5.0)[0]) / (2 * step)
+    assert 990 < loss[0] < 1010 and np.abs(numeric).max() > 0.5
+    np.testing.assert_allclose(grad, numeric, atol=1e-4)

@@ -616,3 +616,57 @@ def test_gradient_edge_shapes(xp, shape):
     (logits, *rest), held = to_backend(xp, problem)
     gradient = loss_gradient(xp, ctc_multi.ctc_loss, logits, *rest, blank_id=K - 1)
     np.testing.assert_allclose(gradient, ctc_reference(*held, blank_id=K - 1)[1], **TOLERANCE["gradient_float64"])
+
+
+def test_loss_is_never_negative_with_labels_padded_by_the_blank(xp):
+    """test_losses' near-certain float32 label (optax issue 1771), its label row padded with the
+    blank's id (torch's zero padding). The padded 0 is not a label equal to the blank: the clamp
+    of rounding-level negatives applies (mutation L29: the first padded label counted as
+    unpadded, the clamp was skipped and the loss came back negative)."""
+    problem = Problem(np.array([[[0.0, 17.0], [0.0, 17.0]]]), np.zeros((1, 2)), np.array([[1, 0]]), np.array([[0.0, 1.0]]))
+    arrays, _ = to_backend(xp, problem, "float32")
+    loss = xp.to_numpy(ctc_multi.ctc_loss(*arrays))
+    assert 0.0 <= loss[0] <= 1e-6, loss
+
+
+def test_non_finite_logits_on_padded_frames_make_no_numpy_warning(xp):
+    """Padded frames may hold anything (README): a +inf and a NaN there give no NumPy warning
+    and no error under np.errstate(all="raise"). NumPy's blocked log-softmax takes those frames
+    as zeros (mutation B02, the rows taken as they are: "invalid value encountered in subtract",
+    inf - inf in the padded frame's log-softmax, on every entry point; the values unchanged)."""
+    import warnings
+
+    logits = np.random.default_rng(0).normal(size=(1, 5, 4))
+    logits[0, 4, :] = np.inf
+    logits[0, 3, 1] = np.nan
+    paddings = np.zeros((1, 5))
+    paddings[0, 3:] = 1.0
+    arrays, _ = to_backend(xp, Problem(logits, paddings, np.array([[1, 2]]), np.zeros((1, 2))))
+    with warnings.catch_warnings(), np.errstate(all="raise"):
+        warnings.simplefilter("error")
+        loss = xp.to_numpy(ctc_multi.ctc_loss(*arrays))
+        ctc_multi.ctc_loss_and_grad(*arrays)
+        ctc_multi.ctc_posteriors(*arrays)
+        ctc_multi.forced_align(*arrays)
+    assert np.all(np.isfinite(loss))
+
+
+def test_a_plus_inf_logit_off_the_labels_has_no_softmax(xp):
+    """A valid frame with a +inf logit has no softmax: NaN, as optax and torch give (README,
+    Emissions below -1e5). With +inf on class 3, which labels [1, 2] never emit, NumPy, CPU
+    torch and JAX gave a finite loss of 100002.59 (the path classes' log-probabilities came out
+    -inf, floored to -1e5: the row's peak was taken as 0) and a gradient NaN in one class only.
+    The other sequence is untouched."""
+    logits = np.random.default_rng(0).normal(size=(2, 4, 4))
+    logits[0, 1, 3] = np.inf
+    problem = Problem(logits, np.zeros((2, 4)), np.array([[1, 2], [1, 2]]), np.zeros((2, 2)))
+    arrays, held = to_backend(xp, problem)
+    with np.errstate(all="ignore"):
+        loss, gradient = (xp.to_numpy(result) for result in ctc_multi.ctc_loss_and_grad(*arrays))
+        (with_probs, _, _), _ = run(xp, problem)
+    expected, expected_gradient = ctc_reference(*(array[1:] for array in held))
+    for losses in (loss, with_probs):
+        assert np.isnan(losses[0]), losses
+        np.testing.assert_allclose(losses[1], expected[0], **TOLERANCE["float64"])
+    assert np.all(np.isnan(gradient[0, 1]))
+    np.testing.assert_allclose(gradient[1], expected_gradient[0], **TOLERANCE["gradient_float64"])

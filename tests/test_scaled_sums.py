@@ -246,3 +246,39 @@ def test_an_impossible_alignment_costs_about_minus_log_epsilon(jax_x64, log_epsi
     for value in (loss, loss_too):
         assert_impossible(np.asarray(value)[:1], log_epsilon)
     assert np.all(np.isfinite(np.asarray(grad)))
+
+
+def test_the_scaled_sums_run_down_to_scaled_min_log_epsilon_inclusive(jax_x64):
+    """JAX float32 on a CPU sums scaled probabilities for any log_epsilon >= SCALED_MIN_LOG_EPSILON
+    (-1e6), the boundary included. A feasible loss does not depend on log_epsilon there, bit for
+    bit, so the loss at exactly -1e6 equals the one at -999999.9 (mutation S04, '>' for '>=':
+    log space ran at -1e6, one float32 ulp off on row 2)."""
+    import jax.numpy as jnp
+
+    from ctc_multi.lattice import SCALED_MIN_LOG_EPSILON
+
+    rng = np.random.default_rng(5)
+    logits = jnp.asarray(rng.normal(size=(3, 50, 6)) * 3, dtype=jnp.float32)
+    arrays = (logits, jnp.zeros((3, 50)), jnp.asarray(rng.integers(1, 6, (3, 8))), jnp.zeros((3, 8)))
+    at_boundary = np.asarray(ctc_multi.ctc_loss(*arrays, log_epsilon=SCALED_MIN_LOG_EPSILON))
+    above = np.asarray(ctc_multi.ctc_loss(*arrays, log_epsilon=SCALED_MIN_LOG_EPSILON + 0.1))
+    np.testing.assert_array_equal(at_boundary, above)
+
+
+def test_a_scaled_loss_beyond_the_floor_comes_back_as_the_cap(jax_x64):
+    """README: the scaled sums' powers have a floor (2**-(2**29)), so a JAX float32 loss on a CPU
+    beyond about 3.72e8 nats comes back as 3.72e8 = 2**29 log 2. 16000 frames on which the blank
+    and the label have probability 0 (floored to -1e5 each: 1.6e9 nats): the cap, to float32's
+    accuracy (mutation L08, no floor on the product's power: 3.7233e8, 2e5 nats past it)."""
+    import math
+
+    import jax
+    import jax.numpy as jnp
+
+    if jax.default_backend() != "cpu":
+        pytest.skip("JAX sums scaled on a CPU only; elsewhere the loss is exact")
+    frames = 16000
+    logits = np.full((1, frames, 3), -np.inf, np.float32)
+    logits[..., 2] = 0.0
+    loss = np.asarray(ctc_multi.ctc_loss(jnp.asarray(logits), jnp.zeros((1, frames)), jnp.asarray([[1]]), jnp.zeros((1, 1))))
+    np.testing.assert_allclose(loss, 2**29 * math.log(2), rtol=1e-6)
