@@ -730,7 +730,7 @@ def test_torch_backward_of_the_sum_again_with_retain_graph():
         torch.autograd.grad(loss.sum(), logits)
 
 
-@pytest.mark.parametrize("hooks", ["save_on_cpu", "identity", "clone_on_pack"])
+@pytest.mark.parametrize("hooks", ["save_on_cpu", "identity", "clone_on_pack", "view_on_unpack"])
 def test_torch_changed_hand_back_raises_under_saved_tensor_hooks(hooks):
     """Under saved-tensor hooks torch does not check saved tensors' versions: a gradient handed
     back by the first backward and changed in place was returned by the second one (0.74 off,
@@ -740,6 +740,7 @@ def test_torch_changed_hand_back_raises_under_saved_tensor_hooks(hooks):
         "save_on_cpu": torch.autograd.graph.save_on_cpu,
         "identity": lambda: torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t),
         "clone_on_pack": lambda: torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t),
+        "view_on_unpack": lambda: torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t.view_as(t)),
     }[hooks]
     problem = random_problem(np.random.default_rng(92), 3, 6, 4, 3)
     _, expected = ctc_reference(*problem)
@@ -903,6 +904,26 @@ print("max difference", float((compiled - x.grad).abs().max()))
     result = run_in_fresh_python(script)
     assert result.returncode == 0, result.stderr[-2000:]
     assert float(result.stdout.split("max difference")[-1]) < 1e-12
+
+
+def test_torch_export_traces_ctc_multi():
+    """``torch.export`` (strict: dynamo, one graph) of a module calling ctc_loss: traced, not run
+    eagerly (the graph break that torch.compile takes raised there), and the exported program
+    gives eager mode's loss on other values."""
+    pytest.importorskip("torch")
+    script = """
+import torch, ctc_multi
+class Loss(torch.nn.Module):
+    def forward(self, x, paddings, labels, label_paddings):
+        return ctc_multi.ctc_loss(x, paddings, labels, label_paddings)
+rest = (torch.zeros(2, 5), torch.tensor([[1, 2], [3, 1]]), torch.zeros(2, 2))
+exported = torch.export.export(Loss(), (torch.randn(2, 5, 4),) + rest, strict=True)
+x = torch.randn(2, 5, 4)
+print("max difference", float((exported.module()(x, *rest) - ctc_multi.ctc_loss(x, *rest)).abs().max()))
+"""
+    result = run_in_fresh_python(script)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert float(result.stdout.split("max difference")[-1]) < 1e-5
 
 
 def test_torch_compile_runs_ctc_multi_eagerly_for_any_number_of_frames():

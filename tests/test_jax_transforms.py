@@ -256,22 +256,22 @@ def test_every_entry_point_under_rank_promotion_raise(jax_x64, monkeypatch, plat
 
 
 def test_jax_export_for_any_batch_and_number_of_frames(jax_x64):
-    """``jax.export`` with symbolic batch and frames (shape polymorphism, as optax's loss
-    exports): the exported programs give, for each concrete shape, what a direct call gives.
-    A symbolic size failed every entry point ("Symbolic dimension comparison '108*b' >= '262144'
-    is inconclusive": whether the scan gathers its emissions; the scan's unroll; forced_align's
-    log 0, which depends on T)."""
+    """``jax.export`` with symbolic batch, frames and labels (shape polymorphism, as optax's
+    loss exports): the exported programs give, for each concrete shape, what a direct call
+    gives. A symbolic size failed every entry point ("Symbolic dimension comparison '108*b' >=
+    '262144' is inconclusive": whether the scan gathers its emissions; the scan's unroll;
+    forced_align's log 0, which depends on T; a branch on N > 1)."""
     jax = jax_x64
     import jax.numpy as jnp
     from jax import export
 
-    K, N = 5, 4
-    batch, frames = export.symbolic_shape("b, t")
+    K = 5
+    batch, frames, labels = export.symbolic_shape("b, t, n")
     spec = [
         jax.ShapeDtypeStruct((batch, frames, K), jnp.float64),
         jax.ShapeDtypeStruct((batch, frames), jnp.float64),
-        jax.ShapeDtypeStruct((batch, N), jnp.int32),
-        jax.ShapeDtypeStruct((batch, N), jnp.float64),
+        jax.ShapeDtypeStruct((batch, labels), jnp.int32),
+        jax.ShapeDtypeStruct((batch, labels), jnp.float64),
     ]
     functions = {
         "ctc_loss": ctc_multi.ctc_loss,
@@ -282,7 +282,7 @@ def test_jax_export_for_any_batch_and_number_of_frames(jax_x64):
     }
     # the second shape has more than 2**18 lattice cells, from which a direct call on a CPU
     # gathers the emissions in the scan
-    problems = [random_problem(np.random.default_rng(seed), B, T, K, N) for seed, (B, T) in enumerate([(3, 12), (64, 500)])]
+    problems = [random_problem(np.random.default_rng(seed), B, T, K, N) for seed, (B, T, N) in enumerate([(3, 12, 4), (2, 5, 1), (64, 500, 6)])]
     for name, function in functions.items():
         exported = export.export(jax.jit(function))(*spec)
         for problem in problems:

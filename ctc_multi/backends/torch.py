@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import weakref
 
 import torch
 from torch.autograd import forward_ad
@@ -86,7 +85,7 @@ class _ExplicitGradient(torch.autograd.Function):
             if not ctx.hand_back_saved:
                 gradient = gradient.clone()
             else:
-                ctx.handed_back = (weakref.ref(gradient), gradient._version)
+                ctx.handed_back = (gradient.untyped_storage().data_ptr(), gradient._version)
             # Once only: a second backward over the graph (retain_graph) that handed back the
             # same tensor again made two torch.autograd.grad results one tensor, so that adding
             # one into the other changed both.
@@ -109,7 +108,8 @@ def _refuse_a_changed_hand_back(ctx, saved):
     ``saved_tensors_hooks``), which hand back what they packed unchecked: the second gradient
     was then the changed tensor, silently."""
     handed_back = getattr(ctx, "handed_back", None)
-    if handed_back is not None and handed_back[0]() is saved and saved._version != handed_back[1]:
+    # the same memory (an unpack hook may return a new view of it), changed since
+    if handed_back is not None and saved.untyped_storage().data_ptr() == handed_back[0] and saved._version != handed_back[1]:
         raise RuntimeError(
             "one of the variables needed for gradient computation has been modified by an inplace "
             "operation: the gradient that an earlier backward over this graph returned (ctc_multi "
@@ -236,13 +236,16 @@ def refuse_derivatives(logits, outputs, message):
 # break, rather than traced: traced, its loop over the frames is unrolled into the graph, which
 # is compiled anew for each number of frames (17 to 24 s each for 10 to 17 frames on this
 # project's 2-core CPU; after eight torch gave up and ran it eagerly; ``dynamic=True`` did not
-# help). False traces it, as ``fullgraph=True`` requires.
+# help). False traces it, as ``fullgraph=True`` requires. ``torch.export``, which needs one
+# graph, traces it either way.
 EAGER_UNDER_TORCH_COMPILE = True
 
 
 def compiled(function, num_static):
     """``function`` as it is (it runs op by op); under torch.compile, eagerly (above)."""
-    return functools.partial(_run_eagerly, function) if EAGER_UNDER_TORCH_COMPILE else function
+    if EAGER_UNDER_TORCH_COMPILE and not torch.compiler.is_exporting():
+        return functools.partial(_run_eagerly, function)
+    return function
 
 
 @functools.partial(
