@@ -589,12 +589,15 @@ def build_lattice(
             )
 
     # Per label n: may a path jump into it over a blank (it differs from label n - 1), and does
-    # it repeat label n - 1 (one more frame needed)? Neither for n = 0. Shape-static, N = 0 and
-    # 1 too (empty slices), so a symbolic N (jax.export) needs no branch.
+    # it repeat label n - 1 (one more frame needed)? Neither for n = 0. Shape-static, N = 0 too
+    # (no slice beyond an empty axis: the array API leaves it unspecified); for N = 1 the
+    # slices are empty. ``>= 1`` has an answer for a symbolic N (jax.export knows N >= 1).
     num_labels = labels.shape[1]
-    first = (label_padded & ~label_padded)[:, :1]
-    can_jump = xp.concat([first, labels[:, 1:] != labels[:, :-1]], axis=1)
-    repeats_previous = xp.concat([first, labels[:, 1:] == labels[:, :-1]], axis=1)
+    can_jump = repeats_previous = label_padded & ~label_padded
+    if num_labels >= 1:
+        first = can_jump[:, :1]
+        can_jump = xp.concat([first, labels[:, 1:] != labels[:, :-1]], axis=1)
+        repeats_previous = xp.concat([first, labels[:, 1:] == labels[:, :-1]], axis=1)
     label_lengths = num_labels - xp.sum(xp.astype(label_padded, xp.int32), axis=1)
     repeats = xp.sum(xp.astype(repeats_previous & ~label_padded, xp.int32), axis=1)
     valid_frames = logits.shape[1] - xp.sum(xp.astype(logit_padded, xp.int32), axis=1)
