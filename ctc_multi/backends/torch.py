@@ -102,8 +102,9 @@ class _ExplicitGradient(torch.autograd.Function):
 
 
 def _refuse_a_changed_hand_back(ctx, saved):
-    """Raise where an earlier backward over this graph handed back ``saved`` itself and the
-    caller has changed it in place since. torch's own check of saved tensors raises there, but
+    """Raise where an earlier backward over this graph handed back ``saved``'s memory (the
+    tensor itself, or one that an unpack hook made a view of) and the caller has changed it in
+    place since. torch's own check of saved tensors raises there, but
     not under saved-tensor hooks (``torch.autograd.graph.save_on_cpu``, any
     ``saved_tensors_hooks``), which hand back what they packed unchecked: the second gradient
     was then the changed tensor, silently."""
