@@ -52,9 +52,11 @@ GATHER_IN_SCAN_MIN_CELLS = {"cpu": 2**18}
 def _is_symbolic(dimension) -> bool:
     """Whether a shape's size is a symbol (``jax.export`` with shape polymorphism), which has no
     answer to ``>=`` and no unrolling."""
-    from jax import export
-
-    return export.is_symbolic_dim(dimension)
+    try:
+        from jax.export import is_symbolic_dim
+    except ImportError:  # a JAX without jax.export has no symbolic sizes to export
+        return False
+    return is_symbolic_dim(dimension)
 
 
 def gather_in_scan(num_cells: int) -> bool:

@@ -244,18 +244,26 @@ EAGER_UNDER_TORCH_COMPILE = True
 
 def compiled(function, num_static):
     """``function`` as it is (it runs op by op); under torch.compile, eagerly (above)."""
-    if EAGER_UNDER_TORCH_COMPILE and not torch.compiler.is_exporting():
+    if EAGER_UNDER_TORCH_COMPILE and not _is_exporting():
         return functools.partial(_run_eagerly, function)
     return function
 
 
-@functools.partial(
-    torch.compiler.disable,
-    reason="ctc_multi runs eagerly under torch.compile (a graph break), as its loop over the frames would be "
-    "compiled anew for each number of frames; ctc_multi.backends.torch.EAGER_UNDER_TORCH_COMPILE = False traces it",
-)
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # not in torch 2.4 and before
+
+
 def _run_eagerly(function, *args):
     return function(*args)
+
+
+try:  # the reason, which fullgraph=True's refusal quotes: a newer torch only (2025)
+    _run_eagerly = torch.compiler.disable(
+        _run_eagerly,
+        reason="ctc_multi runs eagerly under torch.compile (a graph break), as its loop over the frames would be "
+        "compiled anew for each number of frames; ctc_multi.backends.torch.EAGER_UNDER_TORCH_COMPILE = False traces it",
+    )
+except TypeError:
+    _run_eagerly = torch.compiler.disable(_run_eagerly)
 
 
 def placed_like(x, logits):
