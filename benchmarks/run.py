@@ -61,6 +61,7 @@ TARGETS = {
         ("jax", "fwd+bwd", "optax", ("char", "bpe", "long", "vocab5k"), 3.0),
         ("jax", "fwd", "optax", ("char", "bpe", "long", "vocab5k"), 3.0),
         ("torch", "fwd+bwd", "torch", ("char", "bpe", "long"), 2.0),
+        ("torch_xla", "fwd+bwd", "torch", ("char", "bpe", "long"), 2.0),  # the opt-in: the default is the line above
         ("numpy", "fwd+bwd", "torch", ("char", "bpe", "long"), 1.0),
     ),
     "cuda": (("jax", "fwd+bwd", "optax", GPU_SHAPES, 4.0),),
@@ -125,29 +126,40 @@ def _from_compare(contender: compare.Contender, name: str, key: str) -> Contende
 
 
 @contextlib.contextmanager
-def torch_own_ops(torch_backend):
-    """Inside, ctc_multi's torch adapter module ``torch_backend`` (or an earlier version's:
-    ``ab.py``) keeps torch's own ops in its loop: ``LOOP_IN_NUMPY_ON_CPU`` off, which on a CPU
-    otherwise hands the loss and its gradient to NumPy's loop (what runs on CUDA, measured on a
-    CPU: ``run.py``'s ``torch_ops``, ``accuracy.py``'s "torch (own ops)")."""
-    saved, torch_backend.LOOP_IN_NUMPY_ON_CPU = torch_backend.LOOP_IN_NUMPY_ON_CPU, False
+def torch_switch(torch_backend, name: str, value: bool):
+    """Inside, the switch ``name`` of ctc_multi's torch adapter module ``torch_backend`` (or an
+    earlier version's: ``ab.py``) is ``value``."""
+    saved = getattr(torch_backend, name)
+    setattr(torch_backend, name, value)
     try:
         yield
     finally:
-        torch_backend.LOOP_IN_NUMPY_ON_CPU = saved
+        setattr(torch_backend, name, saved)
 
 
-def with_torch_ops(prepared: compare.Prepared, torch_backend) -> compare.Prepared:
-    """``prepared`` (a contender of the torch backend) with each call under :func:`torch_own_ops`."""
+def torch_own_ops(torch_backend):
+    """The torch adapter keeping torch's own ops in its loop: ``LOOP_IN_NUMPY_ON_CPU`` off, which
+    on a CPU otherwise hands the loss and its gradient to NumPy's loop (what runs on CUDA,
+    measured on a CPU: ``run.py``'s ``torch_ops``, ``accuracy.py``'s "torch (own ops)")."""
+    return torch_switch(torch_backend, "LOOP_IN_NUMPY_ON_CPU", False)
 
-    def with_own_ops(function):
+
+def with_torch_switch(prepared: compare.Prepared, torch_backend, name: str, value: bool) -> compare.Prepared:
+    """``prepared`` (a contender of the torch backend) with each call under :func:`torch_switch`."""
+
+    def switched(function):
         def run():
-            with torch_own_ops(torch_backend):
+            with torch_switch(torch_backend, name, value):
                 return function()
 
         return run
 
-    return replace(prepared, forward=with_own_ops(prepared.forward), forward_backward=with_own_ops(prepared.forward_backward))
+    return replace(prepared, forward=switched(prepared.forward), forward_backward=switched(prepared.forward_backward))
+
+
+def with_torch_ops(prepared: compare.Prepared, torch_backend) -> compare.Prepared:
+    """``prepared`` (a contender of the torch backend) with each call under :func:`torch_own_ops`."""
+    return with_torch_switch(prepared, torch_backend, "LOOP_IN_NUMPY_ON_CPU", False)
 
 
 def _prepare_torch_ops(case: compare.Case, device: str) -> compare.Prepared:
@@ -157,9 +169,20 @@ def _prepare_torch_ops(case: compare.Case, device: str) -> compare.Prepared:
     return with_torch_ops(compare.BACKENDS["torch"].prepare(case, device), torch_backend)
 
 
+def _prepare_torch_xla(case: compare.Case, device: str) -> compare.Prepared:
+    """ctc_multi's torch backend with the opt-in ``LOOP_IN_XLA_ON_CPU``: on a CPU its loop runs
+    under XLA (JAX) instead of NumPy's; on CUDA the switch changes nothing, so it is not run."""
+    if device != "cpu":
+        raise compare.Unavailable("LOOP_IN_XLA_ON_CPU changes the CPU's loop only")
+    from ctc_multi.backends import torch as torch_backend
+
+    return with_torch_switch(compare.BACKENDS["torch"].prepare(case, device), torch_backend, "LOOP_IN_XLA_ON_CPU", True)
+
+
 _COMPARE_ANCHORS = {anchor.name: anchor for anchor in compare.ANCHORS}
 OURS = tuple(_from_compare(compare.BACKENDS[key], f"ctc_multi {key}", key) for key in ("numpy", "jax", "torch")) + (
     Contender("ctc_multi torch ops", "torch_ops", False, ("torch",), _prepare_torch_ops),
+    Contender("ctc_multi torch xla", "torch_xla", False, ("torch", "jax"), _prepare_torch_xla),
 )
 ANCHORS = (
     _from_compare(_COMPARE_ANCHORS["optax.ctc_loss"], "optax.ctc_loss", "optax"),
@@ -714,7 +737,9 @@ def use_occupancy(way: str, backends) -> None:
     from ctc_multi import lattice
 
     function = getattr(lattice, f"forward_and_occupancy_by_{way}")
-    chosen = {"jax", "torch"} & {key.removesuffix("_ops") for key in backends}
+    chosen = {"jax", "torch"} & {key.removesuffix("_ops").removesuffix("_xla") for key in backends}
+    if "torch_xla" in backends:  # its loop is the JAX adapter's
+        chosen.add("jax")
     for name in {"numpy"} | {name for name in chosen if importlib.util.find_spec(name)}:  # not installed: not run
         importlib.import_module(f"ctc_multi.backends.{name}").forward_and_occupancy = function
 
@@ -733,7 +758,7 @@ def parse_args(argv=None):
         " targets take each ratio as the median of the runs' ratios, and the plot each time as the median of the runs'"
         " times (the README's table: --runs 3)",
     )
-    parser.add_argument("--backends", type=_names, help="ctc_multi backends (default numpy,jax,torch,torch_ops: torch_ops is the torch backend with torch's own ops in its loop, which on a CPU otherwise runs NumPy's; on --device cuda the default is jax,torch)")
+    parser.add_argument("--backends", type=_names, help="ctc_multi backends (default numpy,jax,torch,torch_ops,torch_xla: torch_ops is the torch backend with torch's own ops in its loop, which on a CPU otherwise runs NumPy's, torch_xla the torch backend with the opt-in LOOP_IN_XLA_ON_CPU; on --device cuda the default is jax,torch)")
     parser.add_argument("--torch-threads", type=int, help="torch.set_num_threads (default: torch's own choice)")
     parser.add_argument(
         "--omp-wait-policy",
@@ -770,7 +795,7 @@ def parse_args(argv=None):
     if args.runs > 1 and (args.memory or args.sweep):
         parser.error("--runs applies to the shapes table, not to --memory or --sweep")
     if args.backends is None:  # numpy is CPU-only: on a GPU machine it would only time the host
-        args.backends = ["jax", "torch"] if args.device == "cuda" else ["numpy", "jax", "torch", "torch_ops"]
+        args.backends = ["jax", "torch"] if args.device == "cuda" else ["numpy", "jax", "torch", "torch_ops", "torch_xla"]
     unknown = set(args.backends) - {c.key for c in OURS}
     if unknown:
         parser.error(f"unknown backend(s) {', '.join(sorted(unknown))}; choose from {', '.join(c.key for c in OURS)}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from functools import partial
+from functools import lru_cache, partial
 from types import ModuleType
 from typing import Any, Callable
 
@@ -62,10 +62,25 @@ class _Problem:
 
         return replace(self, xp=array_api_compat.numpy, backend=numpy_backend)
 
+    def on_jax(self) -> "_Problem":
+        """The same problem, run by JAX's adapter (see :meth:`where_the_loop_runs_fastest`)."""
+        import jax.numpy
+
+        from .backends import jax as jax_backend
+
+        return replace(self, xp=jax.numpy, backend=jax_backend)
+
     def where_the_loop_runs_fastest(self, function: Callable, *arrays):
-        """``function(self, *arrays)``; or, where the backend hands its loop to NumPy (torch on a
-        CPU where autograd records nothing: its ``numpy_views``), ``function`` of the NumPy
-        problem on views of the arrays, its results handed back as the backend's arrays."""
+        """``function(self, *arrays)``; or, where the backend hands its loop to XLA (torch on a
+        CPU with the opt-in ``LOOP_IN_XLA_ON_CPU``: its ``xla_views``) or to NumPy (torch on a CPU
+        where autograd records nothing: its ``numpy_views``), ``function`` of the JAX problem
+        (under ``jax.jit``, once per shape) or of the NumPy problem on views of the arrays, its
+        results handed back as the backend's arrays."""
+        views = self.backend.xla_views(arrays)
+        if views is not None:
+            on_jax = self.on_jax()
+            results = on_jax.backend.compiled(function, num_static=1)(on_jax, *views)
+            return tree_map(self.backend.from_xla, results)
         views = self.backend.numpy_views(arrays)
         if views is None:
             return function(self, *arrays)
@@ -187,17 +202,22 @@ def _arrays(inputs: CTCInputs):
 def _loss(problem: _Problem, reduction: str, *arrays):
     """The loss, reduced inside the function whose gradient is explicit (:meth:`_Problem.reduced_forward`),
     so that a reduced loss's gradient comes already weighted."""
-    if reduction == "none":
-        forward, forward_with_residuals = _Problem.forward, _Problem.forward_with_residuals
-    else:
-        forward = partial(_Problem.reduced_forward, reduction=reduction)
-        forward_with_residuals = partial(_Problem.reduced_forward_with_residuals, reduction=reduction)
+    forward, forward_with_residuals = _forward_functions(reduction)
     differentiable = problem.backend.with_explicit_gradient(
         partial(problem.where_the_loop_runs_fastest, forward),
         partial(problem.where_the_loop_runs_fastest, forward_with_residuals),
         problem.backward,
     )
     return differentiable(*arrays)
+
+
+@lru_cache(maxsize=None)
+def _forward_functions(reduction: str):
+    """The loss and the loss with its gradient, reduced as asked; the same function objects on
+    every call, as the XLA hand-off compiles once per function (:meth:`_Problem.where_the_loop_runs_fastest`)."""
+    if reduction == "none":
+        return _Problem.forward, _Problem.forward_with_residuals
+    return partial(_Problem.reduced_forward, reduction=reduction), partial(_Problem.reduced_forward_with_residuals, reduction=reduction)
 
 
 LOSS_AND_GRAD_NOT_DIFFERENTIABLE = (

@@ -100,6 +100,10 @@ BACKENDS = {
     # runs NumPy's loop on views of the tensors (ctc_multi.backends.torch), and on CUDA these
     # ops are what runs.
     "torch_ops": ("torch", _torch_backend),
+    # torch with the opt-in LOOP_IN_XLA_ON_CPU: on a CPU, what would run NumPy's loop runs JAX's
+    # under XLA instead, on the tensors' memory (float32, and float64 as JAX's float64 is on here,
+    # as for the jax backend; tests/test_torch_xla.py checks it off).
+    "torch_xla": ("torch", _torch_backend),
     "array_api_strict": ("array_api_strict", _strict_backend),
 }
 
@@ -107,12 +111,16 @@ BACKENDS = {
 @pytest.fixture(params=list(BACKENDS))
 def xp(request, monkeypatch) -> Backend:
     module, make = BACKENDS[request.param]
-    if not installed(module):
-        pytest.skip(f"{module} is not installed in this environment")
-    if request.param == "torch_ops":
+    for needed in (module, "jax") if request.param == "torch_xla" else (module,):
+        if not installed(needed):
+            pytest.skip(f"{needed} is not installed in this environment")
+    if request.param in ("torch_ops", "torch_xla"):
         import ctc_multi.backends.torch
 
-        monkeypatch.setattr(ctc_multi.backends.torch, "LOOP_IN_NUMPY_ON_CPU", False)
+        switch = "LOOP_IN_NUMPY_ON_CPU" if request.param == "torch_ops" else "LOOP_IN_XLA_ON_CPU"
+        monkeypatch.setattr(ctc_multi.backends.torch, switch, request.param == "torch_xla")
+        if request.param == "torch_xla":
+            _enable_jax_x64()
     return make()
 
 

@@ -35,6 +35,8 @@ Each adapter module provides:
   run a function instead of its own loop (torch on a CPU, where autograd records nothing:
   ``losses._Problem.where_the_loop_runs_fastest``), else None, and ``from_numpy(x)``: one
   result of that run as the framework's array;
+* ``xla_views(arrays)`` and ``from_xla(x)``: alike, JAX arrays where the adapter has XLA run the
+  function, under ``jax.jit`` (torch's opt-in ``LOOP_IN_XLA_ON_CPU``; consulted first);
 * ``scaled_sums(dtype)``: whether the loss's sum over paths runs in scaled probabilities
   (:class:`ctc_multi.lattice.ScaledSemiring`: no exp or log per lattice cell, more integer
   ops) rather than in log space, for logits computed in ``dtype`` (with a ``log_epsilon``
@@ -82,6 +84,8 @@ ADAPTER_NAMES = (
     "gather_states",
     "numpy_views",
     "from_numpy",
+    "xla_views",
+    "from_xla",
     "scaled_sums",
     "forward_and_occupancy",
     "is_all_ones",

@@ -219,6 +219,14 @@ def from_numpy(x):
     raise NotImplementedError("the JAX adapter never hands its loop to NumPy")
 
 
+def xla_views(arrays):
+    return None  # XLA runs the loop
+
+
+def from_xla(x):
+    raise NotImplementedError("the JAX adapter never hands its loop to XLA (it is XLA)")
+
+
 def is_all_ones(x) -> bool:
     """Never read: the cotangent is traced, and where it is the ones of d sum(loss), XLA drops
     the multiply by them (no (B, T, K) multiply in the compiled value_and_grad of the sum)."""
