@@ -278,12 +278,13 @@ def autodiff(xp, scalar_function, x, *rest) -> np.ndarray | None:
     return None
 
 
-def run_in_fresh_python(script: str, **environment: str) -> subprocess.CompletedProcess:
-    """Run ``script`` in a new interpreter that imports this checkout's ctc_multi."""
+def run_in_fresh_python(script: str, *, timeout: float | None = None, **environment: str) -> subprocess.CompletedProcess:
+    """Run ``script`` in a new interpreter that imports this checkout's ctc_multi (``timeout``:
+    seconds after which a hung script is stopped, raising ``subprocess.TimeoutExpired``)."""
     root = Path(__file__).resolve().parent.parent
     path = os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))
     env = dict(os.environ, PYTHONPATH=path, **environment)
-    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=timeout)
 
 
 @st.composite

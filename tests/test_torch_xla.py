@@ -59,6 +59,18 @@ DEFAULTS = textwrap.dedent(
         results(torch.float32)
         ctc_multi.ctc_loss(logits.requires_grad_(), *others, reduction="mean").backward()
         assert call == 0 or len(scans) == before, len(scans) - before
+
+    # A padded label beyond int32 (any value may pad): JAX's own narrowing would wrap 2**32 + 2 to
+    # class 2, which the forward probabilities at padded positions read, where NumPy's loop does not.
+    args = (torch.from_numpy(problem.logits[:1, :6, :3].copy()), torch.zeros(1, 6), torch.tensor([[1, 2**32 + 2]]), torch.tensor([[0.0, 1.0]]))
+    torch_backend.LOOP_IN_XLA_ON_CPU = False
+    off = ctc_multi.ctc_loss_with_forward_probs(*args)
+    torch_backend.LOOP_IN_XLA_ON_CPU = True
+    before = len(scans)
+    on = ctc_multi.ctc_loss_with_forward_probs(*args)
+    assert len(scans) > before
+    for a, b in zip(on, off):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=2e-3)
     print("ok")
     """
 )
@@ -68,6 +80,43 @@ def test_xla_runs_float32_and_leaves_float64_to_numpy_with_jaxs_defaults():
     result = run_in_fresh_python(DEFAULTS)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+FORK = textwrap.dedent(
+    """
+    import os, signal, time, warnings
+    warnings.simplefilter("ignore")  # JAX warns at the fork itself
+    import torch, ctc_multi
+    import ctc_multi.backends.torch as torch_backend
+
+    torch_backend.LOOP_IN_XLA_ON_CPU = True
+    arguments = (torch.randn(2, 6, 4), torch.zeros(2, 6), torch.tensor([[1, 2], [3, 1]]), torch.zeros(2, 2))
+    parent = ctc_multi.ctc_loss(*arguments)  # JAX's threads run from here
+    child = os.fork()
+    if child == 0:  # JAX's threads are gone here; an XLA call would wait for them forever
+        views = torch_backend.xla_views(arguments)
+        loss = ctc_multi.ctc_loss(*arguments)
+        os._exit(0 if views is None and torch.allclose(loss, parent, rtol=1e-5) else 3)
+    for _ in range(3000):  # a hang is stopped after 300 s, the child killed (a run takes a second)
+        done, status = os.waitpid(child, os.WNOHANG)
+        if done:
+            print("child", os.waitstatus_to_exitcode(status))
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(child, signal.SIGKILL)
+        print("child hung")
+    """
+)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="fork is POSIX's")
+def test_a_process_forked_after_jax_runs_numpys_loop():
+    """A DataLoader worker forked from a process that ran XLA (the "fork" start method) hung in
+    its first call (a review's run). It now runs NumPy's loop. The timeout only stops a hang."""
+    result = run_in_fresh_python(FORK, timeout=900)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "child 0"
 
 
 def test_the_switch_without_jax_says_what_to_do():
@@ -128,6 +177,23 @@ def test_changed_hand_back_raises_and_results_are_the_callers(xla_on):
     np.testing.assert_allclose(gradient_again.numpy(), expected, **TOLERANCE["gradient_float32"])
     np.testing.assert_allclose(again.numpy() + 1.0, loss.numpy(), rtol=1e-6)
     assert np.array_equal(logits.detach().numpy(), held)
+
+
+def test_a_negative_bit_is_not_dropped(xla_on):
+    """DLPack carries a tensor's memory without its negative bit: a view of -(-x) gave the loss
+    of -x (a review's run). Such tensors run NumPy's loop, or torch's, which honour it."""
+    import torch
+
+    import ctc_multi
+
+    if not hasattr(torch, "_neg_view"):
+        pytest.skip("this torch makes no negative-bit views")
+    problem = random_problem(np.random.default_rng(7), 2, 6, 4, 2)
+    expected, _ = ctc_reference(*problem)
+    logits = torch._neg_view(-torch.from_numpy(problem.logits.astype(np.float32)))
+    assert logits.is_neg()
+    others = [torch.as_tensor(array) for array in problem[1:]]
+    np.testing.assert_allclose(ctc_multi.ctc_loss(logits, *others).numpy(), expected, **TOLERANCE["float32"])
 
 
 def test_inputs_dlpack_cannot_carry_in_place_fall_back(xla_on):

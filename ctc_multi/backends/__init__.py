@@ -62,6 +62,8 @@ Each adapter module provides:
 
 from __future__ import annotations
 
+import os
+import sys
 from types import ModuleType
 
 from array_api_compat import is_jax_namespace, is_torch_namespace
@@ -94,6 +96,27 @@ ADAPTER_NAMES = (
     "compiled",
     "placed_like",
 )
+
+
+# Whether this process was forked from one that had imported JAX: JAX's threads do not survive
+# a fork, and a child's first XLA call hangs (a DataLoader worker under the "fork" start method),
+# so torch's opt-in LOOP_IN_XLA_ON_CPU leaves the loop to NumPy there. Registered with ctc_multi's
+# import, not the torch adapter's, which a worker may import only after the fork.
+_forked_after_jax = False
+
+
+def _after_fork_in_child():
+    global _forked_after_jax
+    _forked_after_jax = _forked_after_jax or "jax" in sys.modules
+
+
+def forked_after_jax() -> bool:
+    """Whether this process is a fork (or a fork's fork) of one that had imported JAX."""
+    return _forked_after_jax
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which does not fork
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def backend_for(xp) -> ModuleType:

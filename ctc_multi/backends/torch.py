@@ -7,6 +7,7 @@ import functools
 import torch
 from torch.autograd import forward_ad
 
+from . import forked_after_jax
 from ..lattice import forward_and_occupancy_by_mirror, log_softmax_parts_by_where, replace_and_floor
 from ..scan import python_loop_scan
 
@@ -188,8 +189,10 @@ LOOP_IN_NUMPY_ON_CPU = True
 # ``jax.jit`` once per shape (about a second each): forward+backward 2.1x to 3.0x torch's own
 # kernel on `long`, `char` and `bpe` against NumPy's 0.8x to 1.2x (README, Performance). Off by
 # default because it is JAX in a torch program: its import, its threads, a compilation per new
-# shape, and on a machine where JAX sees a GPU, JAX's GPU client (which takes most of the GPU's
-# memory when it starts) and the GPU's settings for the CPU's program. float64 stays NumPy's
+# shape (each compiled program stays in memory: about 6 MB a shape here), and on a machine where
+# JAX sees a GPU, JAX's GPU client (which takes most of the GPU's memory when it starts) and the
+# GPU's settings for the CPU's program. In a process forked after JAX's import (a DataLoader
+# worker under "fork"), where JAX would hang, NumPy's loop runs (``forked_after_jax``). float64 stays NumPy's
 # unless JAX's float64 is on (``xla_views``).
 LOOP_IN_XLA_ON_CPU = False
 
@@ -227,12 +230,16 @@ def from_numpy(x):
 
 
 def xla_views(arrays):
-    """JAX arrays over the tensors' memory (DLPack; JAX copies what it would not take as it is,
-    int64 labels without ``jax_enable_x64`` say, which it narrows to int32) where
+    """JAX arrays over the tensors' memory (DLPack; JAX copies what it would not take as it is:
+    memory not aligned to 64 bytes; int64 labels become int32, :func:`_as_int32`) where
     ``LOOP_IN_XLA_ON_CPU`` and the loop may leave torch (:func:`_loop_may_leave_torch`), for
     float32 logits, and float64 ones where JAX keeps float64 (``jax_enable_x64``, which JAX
-    leaves off: it would compute them in float32); else None, and NumPy's loop or torch's runs."""
+    leaves off: it would compute them in float32); else None, and NumPy's loop or torch's runs:
+    also in a process forked after JAX's import, and for tensors with a negative or conjugate bit,
+    which DLPack would carry without it (the loss of -x for x)."""
     if not LOOP_IN_XLA_ON_CPU or arrays[0].dtype not in (torch.float32, torch.float64) or not _loop_may_leave_torch(arrays):
+        return None
+    if forked_after_jax() or any(x.is_neg() or x.is_conj() for x in arrays):
         return None
     try:
         import jax
@@ -244,9 +251,18 @@ def xla_views(arrays):
     if arrays[0].dtype == torch.float64 and jax.dtypes.canonicalize_dtype(jax.numpy.float64) != jax.numpy.float64:
         return None
     try:
-        return tuple(jax.dlpack.from_dlpack(x.detach()) for x in arrays)
+        return tuple(jax.dlpack.from_dlpack(_as_int32(x.detach())) for x in arrays)
     except (RuntimeError, TypeError, BufferError):
-        return None  # tensors DLPack cannot carry (functorch transforms, conjugate bits)
+        return None  # tensors DLPack cannot carry (functorch transforms, steps of 0)
+
+
+def _as_int32(x):
+    """int64 as int32 (the JAX adapter's index dtype), beyond int32 clamped: padded labels may
+    hold any value, and JAX without ``jax_enable_x64`` would wrap them (2**32 + 2 read as 2,
+    a class, where the value beyond the classes is ignored in forward probabilities)."""
+    if x.dtype != torch.int64:
+        return x
+    return x.clamp(-(2**31), 2**31 - 1).to(torch.int32)
 
 
 def from_xla(x):
