@@ -184,16 +184,17 @@ forward_and_occupancy = forward_and_occupancy_by_mirror
 # `long`; README, Performance). False keeps torch's own ops everywhere.
 LOOP_IN_NUMPY_ON_CPU = True
 
-# Opt-in: where the loop would leave torch on a CPU (above), it runs under XLA instead (JAX
-# must be installed), on the tensors' memory through DLPack, compiled by ``jax.jit`` once per
-# shape (about a second each): forward+backward 2.1x to 2.9x torch's own kernel on `long`,
+# Opt-in: where the loop would leave torch on a CPU (above; consulted first, whatever
+# LOOP_IN_NUMPY_ON_CPU says), it runs under XLA instead (JAX must be installed), on the
+# tensors' memory through DLPack, compiled by ``jax.jit`` once per shape (about a second
+# each): forward+backward 2.1x to 2.9x torch's own kernel on `long`,
 # `char` and `bpe` against NumPy's 0.7x to 1.0x (README, Performance). Off by default because
 # it is JAX in a torch program: its import, its threads, a compilation per new shape (each
 # compiled program stays in memory: about 6 MB a shape here), and on a machine where JAX sees a
 # GPU, JAX's GPU client (which takes most of the GPU's memory when it starts) and the GPU's
 # settings for the CPU's program. float64 stays NumPy's unless JAX's float64 is on, and so does
-# a process forked after JAX's import (a DataLoader worker under "fork"), where XLA would hang
-# (``xla_views``).
+# a process forked after JAX's import (a DataLoader worker under "fork") from one that had
+# imported ctc_multi, where XLA would hang (``xla_views``).
 LOOP_IN_XLA_ON_CPU = False
 
 
