@@ -3,7 +3,9 @@
 The ``xp`` fixture's ``torch_xla`` runs every backend test with the switch on (and JAX's float64
 on, as for the jax backend). These tests check what that cannot: that XLA really ran (the same
 numbers would come from NumPy's loop), what runs with JAX's defaults (float64 off), that the
-switch off never imports JAX, a clear error without JAX, and the hand-back of the gradient.
+switch off never imports JAX, a clear error without JAX, the hand-back of the gradient, and
+what a review found: a forked child that hung, a negative bit that DLPack dropped, and padded
+labels beyond int32 that JAX wrapped.
 """
 
 from __future__ import annotations
