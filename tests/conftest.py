@@ -92,35 +92,39 @@ def _strict_backend() -> Backend:
     )
 
 
+def _torch_xla_backend() -> Backend:
+    _enable_jax_x64()  # as for the jax backend: float64 goes to XLA too
+    return _torch_backend()
+
+
+# name -> (modules it needs, how to make it, switches of ctc_multi's torch adapter set for it)
 BACKENDS = {
-    "numpy": ("numpy", _numpy_backend),
-    "jax": ("jax", _jax_backend),
-    "torch": ("torch", _torch_backend),
+    "numpy": (("numpy",), _numpy_backend, {}),
+    "jax": (("jax",), _jax_backend, {}),
+    "torch": (("torch",), _torch_backend, {}),
     # torch with its own ops in every loop: on a CPU, what autograd does not record otherwise
     # runs NumPy's loop on views of the tensors (ctc_multi.backends.torch), and on CUDA these
     # ops are what runs.
-    "torch_ops": ("torch", _torch_backend),
+    "torch_ops": (("torch",), _torch_backend, {"LOOP_IN_NUMPY_ON_CPU": False}),
     # torch with the opt-in LOOP_IN_XLA_ON_CPU: on a CPU, what would run NumPy's loop runs JAX's
     # under XLA instead, on the tensors' memory (float32, and float64 as JAX's float64 is on here,
     # as for the jax backend; tests/test_torch_xla.py checks it off).
-    "torch_xla": ("torch", _torch_backend),
-    "array_api_strict": ("array_api_strict", _strict_backend),
+    "torch_xla": (("torch", "jax"), _torch_xla_backend, {"LOOP_IN_XLA_ON_CPU": True}),
+    "array_api_strict": (("array_api_strict",), _strict_backend, {}),
 }
 
 
 @pytest.fixture(params=list(BACKENDS))
 def xp(request, monkeypatch) -> Backend:
-    module, make = BACKENDS[request.param]
-    for needed in (module, "jax") if request.param == "torch_xla" else (module,):
-        if not installed(needed):
-            pytest.skip(f"{needed} is not installed in this environment")
-    if request.param in ("torch_ops", "torch_xla"):
+    modules, make, switches = BACKENDS[request.param]
+    for module in modules:
+        if not installed(module):
+            pytest.skip(f"{module} is not installed in this environment")
+    if switches:
         import ctc_multi.backends.torch
 
-        switch = "LOOP_IN_NUMPY_ON_CPU" if request.param == "torch_ops" else "LOOP_IN_XLA_ON_CPU"
-        monkeypatch.setattr(ctc_multi.backends.torch, switch, request.param == "torch_xla")
-        if request.param == "torch_xla":
-            _enable_jax_x64()
+        for name, value in switches.items():
+            monkeypatch.setattr(ctc_multi.backends.torch, name, value)
     return make()
 
 
