@@ -7,6 +7,7 @@ shared machine hits both alike, and the ratio old / new needs no anchor.
     python benchmarks/ab.py --against bdf0789                  # numpy and torch, fwd+bwd
     python benchmarks/ab.py --against HEAD~1 --backends jax --shapes char,long --direction fwd
     python benchmarks/ab.py --against HEAD~1 --backends torch_ops      # torch's own ops in the loop
+    python benchmarks/ab.py --against HEAD~1 --backends torch_xla      # the opt-in XLA loop (both need it)
     python benchmarks/ab.py --against HEAD~1 --backends torch,jax --reduction mean   # ctc_loss(..., reduction="mean")
 
 The earlier version is taken with ``git archive`` into a temporary folder and imported under
@@ -41,6 +42,7 @@ import ctc_multi  # noqa: E402
 from ctc_multi.shapes import SHAPES, random_problem  # noqa: E402
 
 DEFAULT_SHAPES = ("char", "bpe", "long", "vocab5k")
+BACKENDS = ("numpy", "jax", "torch", "torch_ops", "torch_xla")
 
 
 def import_at(revision: str, repository: Path = HERE.parent) -> ModuleType:
@@ -75,6 +77,9 @@ def prepared(package: ModuleType, problem, backend: str, reduction: str | None =
     if backend == "torch_ops":  # as run.py's: the torch backend with torch's own ops in its loop
         own_ops = importlib.import_module(f"{package.__name__}.backends.torch")
         return run.with_torch_ops(module.BACKENDS["torch"].prepare(case, "cpu"), own_ops)
+    if backend == "torch_xla":  # as run.py's: the torch backend with the opt-in LOOP_IN_XLA_ON_CPU
+        adapter = importlib.import_module(f"{package.__name__}.backends.torch")
+        return run.with_torch_switch(module.BACKENDS["torch"].prepare(case, "cpu"), adapter, "LOOP_IN_XLA_ON_CPU", True)
     return module.BACKENDS[backend].prepare(case, "cpu")
 
 
@@ -82,7 +87,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--against", required=True, help="the earlier commit (anything git rev-parse takes)")
     parser.add_argument("--shapes", type=run._names, default=list(DEFAULT_SHAPES), help=f"named shapes among {','.join(SHAPES)}")
-    parser.add_argument("--backends", type=run._names, default=["numpy", "torch"], help="among numpy,jax,torch,torch_ops (CPU; torch_ops: as in run.py)")
+    parser.add_argument("--backends", type=run._names, default=["numpy", "torch"], help="among numpy,jax,torch,torch_ops,torch_xla (CPU; torch_ops, torch_xla: as in run.py)")
     parser.add_argument("--direction", choices=run.DIRECTIONS, default="fwd+bwd")
     parser.add_argument("--rounds", type=int, default=9, help=f"timed interleaved rounds (at least {run.MIN_REPEATS})")
     parser.add_argument(
@@ -93,9 +98,9 @@ def parse_args(argv=None):
     unknown = set(args.shapes) - set(SHAPES)
     if unknown:
         parser.error(f"unknown shape(s) {', '.join(sorted(unknown))}; choose from {', '.join(SHAPES)}")
-    unknown = set(args.backends) - {"numpy", "jax", "torch", "torch_ops"}
+    unknown = set(args.backends) - set(BACKENDS)
     if unknown:
-        parser.error(f"unknown backend(s) {', '.join(sorted(unknown))}; choose from numpy, jax, torch, torch_ops")
+        parser.error(f"unknown backend(s) {', '.join(sorted(unknown))}; choose from {', '.join(BACKENDS)}")
     if args.reduction and (set(args.backends) - {"jax", "torch"} or args.direction != "fwd+bwd"):
         parser.error("--reduction times forward+backward of the jax and torch backends only: give --backends among jax,torch")
     return args
@@ -105,6 +110,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as run.py: before torch initialises OpenMP
     earlier = import_at(args.against)
+    if "torch_xla" in args.backends and not hasattr(importlib.import_module(f"{earlier.__name__}.backends.torch"), "LOOP_IN_XLA_ON_CPU"):
+        print(f"ab.py: error: --backends torch_xla: {args.against} has no LOOP_IN_XLA_ON_CPU (added in commit 0e1a6e9)", file=sys.stderr)
+        return 2
     what = f'ctc_loss(..., reduction="{args.reduction}") fwd+bwd' if args.reduction else args.direction
     print(f"{what}, median of {args.rounds} interleaved rounds; old = {earlier.__name__}, new = this checkout", flush=True)
     print(f"{'shape':8s} {'backend':8s} {'old ms':>9s} {'new ms':>9s} {'old/new':>8s} {'loss Δrel':>10s}")

@@ -6,6 +6,7 @@ import importlib
 import importlib.util
 import shutil
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +90,27 @@ def test_ab_imports_a_commits_package_under_its_own_name_and_times_the_same_call
     own_ops = ab.prepared(earlier, problem, "torch_ops")
     np.testing.assert_allclose(own_ops.to_numpy(own_ops.forward()), new.forward(), rtol=1e-5)
     assert flags and not any(flags) and adapter.LOOP_IN_NUMPY_ON_CPU
+    if importlib.util.find_spec("jax") is None:
+        return
+    # torch_xla: that version's torch adapter with its opt-in XLA loop (on during the call only).
+    flags, views = [], adapter.xla_views
+    monkeypatch.setattr(adapter, "xla_views", lambda arrays: flags.append(adapter.LOOP_IN_XLA_ON_CPU) or views(arrays))
+    xla = ab.prepared(earlier, problem, "torch_xla")
+    np.testing.assert_allclose(xla.to_numpy(xla.forward()), new.forward(), rtol=1e-5)
+    assert flags and all(flags) and not adapter.LOOP_IN_XLA_ON_CPU
+
+
+def test_ab_refuses_torch_xla_against_a_version_without_the_switch(monkeypatch, capsys):
+    """benchmarks/ab.py --backends torch_xla against a commit before LOOP_IN_XLA_ON_CPU: a usage
+    error that names the switch, before anything is timed."""
+    ab = load_beside_runner("ab.py")
+    package, backends, adapter = (types.ModuleType(name) for name in ("ctc_multi_at_old", "ctc_multi_at_old.backends", "ctc_multi_at_old.backends.torch"))
+    adapter.LOOP_IN_NUMPY_ON_CPU = True
+    for module in (package, backends, adapter):
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setattr(ab, "import_at", lambda revision: package)
+    assert ab.main(["--against", "old", "--backends", "torch,torch_xla", "--shapes", "small"]) == 2
+    assert "old has no LOOP_IN_XLA_ON_CPU" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(shutil.which("git") is None or not (RUNNER.parent.parent / ".git").exists(), reason="needs git and a git checkout")
