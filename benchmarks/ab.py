@@ -9,6 +9,7 @@ shared machine hits both alike, and the ratio old / new needs no anchor.
     python benchmarks/ab.py --against HEAD~1 --backends torch_ops      # torch's own ops in the loop
     python benchmarks/ab.py --against HEAD~1 --backends torch_xla      # the opt-in XLA loop (both need it)
     python benchmarks/ab.py --against HEAD~1 --backends torch,jax --reduction mean   # ctc_loss(..., reduction="mean")
+    python benchmarks/ab.py --against HEAD~1 --backends jax --eager --shapes small   # JAX outside jax.jit
 
 The earlier version is taken with ``git archive`` into a temporary folder and imported under
 another name (the package's imports are all relative). The contenders are those of ``run.py``
@@ -62,12 +63,15 @@ def import_at(revision: str, repository: Path = HERE.parent) -> ModuleType:
     return importlib.import_module(name)
 
 
-def prepared(package: ModuleType, problem, backend: str, reduction: str | None = None):
+def prepared(package: ModuleType, problem, backend: str, reduction: str | None = None, eager: bool = False):
     """``package``'s contender for ``backend``, ready to run on ``problem``; with ``reduction``
     ("sum" or "mean"; jax and torch), of ``ctc_loss(..., reduction=reduction)``, prepared as
     that version's ``ctc-multi compare`` prepares its own loss (the () loss differentiated as
-    it is, as a training step would)."""
+    it is, as a training step would); with ``eager`` (jax), of ``ctc_loss`` and its
+    ``jax.value_and_grad`` called without ``jax.jit``, where the input checks run."""
     module = importlib.import_module(f"{package.__name__}.compare")
+    if eager:
+        return _eager_jax(module, package, problem)
     case = module.Case(problem, blank_id=0, source="ab")
     if reduction is not None:
         loss_function = functools.partial(package.ctc_loss, blank_id=0, reduction=reduction)
@@ -83,6 +87,21 @@ def prepared(package: ModuleType, problem, backend: str, reduction: str | None =
     return module.BACKENDS[backend].prepare(case, "cpu")
 
 
+def _eager_jax(module: ModuleType, package: ModuleType, problem):
+    import jax
+    import jax.numpy as jnp
+
+    arrays = [jnp.asarray(a) for a in problem]
+    loss = functools.partial(package.ctc_loss, blank_id=0)
+    value_and_grad = jax.value_and_grad(lambda logits, *others: jnp.sum(loss(logits, *others)))
+    return module.Prepared(
+        "cpu:0",
+        forward=lambda: loss(*arrays).block_until_ready(),
+        forward_backward=lambda: jax.block_until_ready(value_and_grad(*arrays)),
+        to_numpy=np.asarray,
+    )
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--against", required=True, help="the earlier commit (anything git rev-parse takes)")
@@ -93,6 +112,7 @@ def parse_args(argv=None):
     parser.add_argument(
         "--reduction", choices=("sum", "mean"), help="time forward+backward of ctc_loss(..., reduction=...) instead (backends jax and torch)"
     )
+    parser.add_argument("--eager", action="store_true", help="time the jax backend's calls without jax.jit (backend jax only)")
     args = parser.parse_args(argv)
     args.rounds = max(args.rounds, run.MIN_REPEATS)
     unknown = set(args.shapes) - set(SHAPES)
@@ -103,6 +123,8 @@ def parse_args(argv=None):
         parser.error(f"unknown backend(s) {', '.join(sorted(unknown))}; choose from {', '.join(BACKENDS)}")
     if args.reduction and (set(args.backends) - {"jax", "torch"} or args.direction != "fwd+bwd"):
         parser.error("--reduction times forward+backward of the jax and torch backends only: give --backends among jax,torch")
+    if args.eager and (args.backends != ["jax"] or args.reduction):
+        parser.error("--eager times the jax backend's calls without jax.jit: give --backends jax (and no --reduction)")
     return args
 
 
@@ -114,12 +136,13 @@ def main(argv=None) -> int:
         print(f"ab.py: error: --backends torch_xla: {args.against} has no LOOP_IN_XLA_ON_CPU (added in commit 0e1a6e9)", file=sys.stderr)
         return 2
     what = f'ctc_loss(..., reduction="{args.reduction}") fwd+bwd' if args.reduction else args.direction
+    what += ", without jax.jit" if args.eager else ""
     print(f"{what}, median of {args.rounds} interleaved rounds; old = {earlier.__name__}, new = this checkout", flush=True)
     print(f"{'shape':8s} {'backend':8s} {'old ms':>9s} {'new ms':>9s} {'old/new':>8s} {'loss Δrel':>10s}")
     for shape in args.shapes:
         problem = random_problem(SHAPES[shape], 0, "float32")
         for backend in args.backends:
-            versions = {"old": prepared(earlier, problem, backend, args.reduction), "new": prepared(ctc_multi, problem, backend, args.reduction)}
+            versions = {key: prepared(package, problem, backend, args.reduction, args.eager) for key, package in (("old", earlier), ("new", ctc_multi))}
             losses = {key: np.asarray(version.to_numpy(version.forward()), dtype=np.float64) for key, version in versions.items()}
             method = "forward" if args.direction == "fwd" else "forward_backward"
             timings = run.interleaved_timings({key: getattr(version, method) for key, version in versions.items()}, repeats=args.rounds, budget_s=math.inf)

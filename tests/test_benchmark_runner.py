@@ -113,6 +113,34 @@ def test_ab_refuses_torch_xla_against_a_version_without_the_switch(monkeypatch, 
     assert "old has no LOOP_IN_XLA_ON_CPU" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="--eager times the jax backend")
+def test_ab_eager_calls_jax_without_jit(monkeypatch):
+    """benchmarks/ab.py --eager: the jax backend's loss and value_and_grad called as they are,
+    so that the input checks run in each call (counted), with the jitted contender's numbers;
+    refused for other backends by name."""
+    import ctc_multi
+    from ctc_multi import inputs
+    from ctc_multi.shapes import SHAPES, random_problem
+
+    ab = load_beside_runner("ab.py")
+    for refused in (["--backends", "numpy", "--eager"], ["--backends", "jax", "--eager", "--reduction", "sum"]):
+        with pytest.raises(SystemExit):
+            ab.parse_args(["--against", "HEAD", *refused])
+    assert ab.parse_args(["--against", "HEAD", "--backends", "jax", "--eager"]).eager
+    problem = random_problem(SHAPES["small"], 0, "float32")
+    eager, jitted = ab.prepared(ctc_multi, problem, "jax", eager=True), ab.prepared(ctc_multi, problem, "jax")
+    jitted_losses, (jitted_loss, jitted_gradient) = jitted.forward(), jitted.forward_backward()
+    checks, check = [], inputs.check_inputs
+    monkeypatch.setattr(ctc_multi.losses, "check_inputs", lambda *a, **k: checks.append(1) or check(*a, **k))
+    for _ in range(2):  # the jitted calls, compiled now, check nothing; the eager ones, each time
+        np.testing.assert_array_equal(jitted.to_numpy(jitted.forward()), jitted.to_numpy(jitted_losses))
+        np.testing.assert_allclose(eager.to_numpy(eager.forward()), jitted.to_numpy(jitted_losses), rtol=1e-5)
+        loss, gradient = eager.forward_backward()
+        np.testing.assert_allclose(float(loss), float(jitted_loss), rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(gradient), np.asarray(jitted_gradient), rtol=1e-4, atol=1e-6)
+    assert len(checks) == 4
+
+
 @pytest.mark.skipif(shutil.which("git") is None or not (RUNNER.parent.parent / ".git").exists(), reason="needs git and a git checkout")
 def test_ab_reduction_times_each_versions_reduced_loss():
     """benchmarks/ab.py --reduction mean: both versions' forward+backward of the reduced loss,
