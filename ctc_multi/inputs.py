@@ -222,9 +222,8 @@ def _check_rank(name: str, x: Array, rank: int, layout: str) -> None:
         raise ValueError(f"{name} must be a {layout}-array (rank {rank}); got shape {tuple(x.shape)}")
 
 
-def _check_padding_dtype(xp, name: str, paddings: Array) -> None:
-    if not (paddings.dtype == xp.bool or xp.isdtype(paddings.dtype, "integral") or xp.isdtype(paddings.dtype, "real floating")):
-        raise ValueError(f"{name} must hold 0/1 values as bool, int or float; got dtype {paddings.dtype}")
+def _padding_dtype_allowed(xp, paddings: Array) -> bool:
+    return paddings.dtype == xp.bool or xp.isdtype(paddings.dtype, "integral") or xp.isdtype(paddings.dtype, "real floating")
 
 
 def _not_zero_or_one(xp, paddings: Array) -> Array:
@@ -232,9 +231,10 @@ def _not_zero_or_one(xp, paddings: Array) -> Array:
 
 
 def _as_padding_mask(xp, name: str, paddings: Array, concrete: bool) -> Array:
-    _check_padding_dtype(xp, name, paddings)
     if paddings.dtype == xp.bool:
         return paddings
+    if not _padding_dtype_allowed(xp, paddings):
+        raise ValueError(f"{name} must hold 0/1 values as bool, int or float; got dtype {paddings.dtype}")
     if concrete and bool(xp.any(bad := _not_zero_or_one(xp, paddings))):
         raise ValueError(f"{name} must contain only 0 (valid) and 1 (padded){first_offender(name, bad, paddings)}")
     return paddings != 0
@@ -311,24 +311,26 @@ def check_inputs(logits, logit_paddings, labels, label_paddings, *, blank_id, lo
         # The lattice puts blank_id and K - 1 beside the labels: widen (exactly) so they fit.
         labels = xp.astype(labels, index_dtype(xp))
 
-    for name, paddings in (("logit_paddings", logit_paddings), ("label_paddings", label_paddings)):
-        _check_padding_dtype(xp, name, paddings)
-    if all(backend.is_concrete(x) for x in (logit_paddings, labels, label_paddings)):
-        find = backend.compiled(_masks_and_any_invalid_value, 2)
-        logit_padded, label_padded, any_invalid = find(xp, num_classes, logit_paddings, labels, label_paddings)
-        if bool(any_invalid):  # the checks one by one, for the first failure's message
-            _as_padding_mask(xp, "logit_paddings", logit_paddings, True)
-            label_padded = _as_padding_mask(xp, "label_paddings", label_paddings, True)
+    concrete = all(backend.is_concrete(x) for x in (logit_paddings, labels, label_paddings))
+    one_by_one = not (concrete and _padding_dtype_allowed(xp, logit_paddings) and _padding_dtype_allowed(xp, label_paddings))
+    if not one_by_one:
+        find = backend.compiled(_masks_and_any_invalid_value, 1)
+        logit_padded, label_padded, any_invalid = find(xp, logit_paddings, labels, label_paddings, num_classes)
+        one_by_one = bool(any_invalid)  # then the checks one by one, for the first failure's message
+    if one_by_one:
+        logit_padded = _as_padding_mask(xp, "logit_paddings", logit_paddings, concrete)
+        label_padded = _as_padding_mask(xp, "label_paddings", label_paddings, concrete)
+        if concrete:
             _check_label_values(xp, labels, label_padded, num_classes, given_labels)
-    else:
-        logit_padded = _as_padding_mask(xp, "logit_paddings", logit_paddings, False)
-        label_padded = _as_padding_mask(xp, "label_paddings", label_paddings, False)
+    # No (B, T, K) copy where the dtype is already right, and no op at all (under an eager
+    # jax.grad, astype of the traced logits cost 0.5 ms a call even so); but JAX's weakly typed
+    # logits (jnp.full(shape, 0.3)) go through astype, as before, so that their gradient stays
+    # weakly typed, as JAX's own functions' does.
+    same = logits.dtype == dtype and not getattr(logits, "weak_type", False)
     return CTCInputs(
         xp=xp,
         backend=backend,
-        # no (B, T, K) copy when the dtype is already right, and no op at all: under an eager
-        # jax.grad, astype of the traced logits cost 0.5 ms a call even so
-        logits=logits if logits.dtype == dtype else xp.astype(logits, dtype),
+        logits=logits if same else xp.astype(logits, dtype, copy=False),
         logit_padded=logit_padded,
         labels=labels,
         label_padded=label_padded,
@@ -337,13 +339,14 @@ def check_inputs(logits, logit_paddings, labels, label_paddings, *, blank_id, lo
     )
 
 
-def _masks_and_any_invalid_value(xp, num_classes: int, logit_paddings: Array, labels: Array, label_paddings: Array) -> tuple[Array, Array, Array]:
-    """The paddings as bool masks, and a () bool: whether any value is one that
-    :func:`_as_padding_mask` or :func:`_check_label_values` refuses. Compiled as one call where
-    the backend compiles (JAX): an eager call, or one under an eager ``jax.grad``, then runs one
-    program and reads one value, where the checks one by one dispatched about twenty ops and
-    read four values (0.67 ms a call on `small`, under ``jax.grad`` 2.9 ms); on CUDA, torch
-    waits for the device once instead of four times."""
+def _masks_and_any_invalid_value(xp, logit_paddings: Array, labels: Array, label_paddings: Array, num_classes: int) -> tuple[Array, Array, Array]:
+    """The paddings (of allowed dtypes) as bool masks, and a () bool: whether any value is one
+    that :func:`_as_padding_mask` or :func:`_check_label_values` refuses. Compiled as one call
+    where the backend compiles (JAX; ``num_classes`` traced, so a new K compiles nothing new):
+    an eager call, or one under an eager ``jax.grad``, then runs one program and reads one
+    value, where the checks one by one dispatched about twenty ops and read four values (0.67
+    ms a call on `small`, under ``jax.grad`` 2.9 ms); on CUDA, torch waits for the device once
+    instead of four times. (NumPy and torch on a CPU: about 20 us more a call than one by one.)"""
     invalid = []
     masks = []
     for paddings in (logit_paddings, label_paddings):

@@ -339,7 +339,8 @@ def test_a_label_past_int64s_largest_is_quoted_as_given(xp):
 def test_the_first_argument_at_fault_is_the_one_named(xp):
     """Every value wrong at once: the message names logit_paddings, then (with those right)
     label_paddings' values, then labels, then label_paddings' order, in that order, as the checks
-    one by one did before one compiled call found whether any fails."""
+    one by one did before one compiled call found whether any fails; and a dtype that
+    label_paddings may not have comes after logit_paddings' values (a review found it first)."""
     bad_logit_paddings = np.array([[0, 0, 2, 1], [0, 0, 0, 0.0]])
     bad_label_paddings = np.array([[0, 0.5], [0, 1.0]])
     bad_labels = np.array([[1, 7], [2, 0]])
@@ -348,6 +349,10 @@ def test_the_first_argument_at_fault_is_the_one_named(xp):
     check_raises(xp, every, "logit_paddings", "got 2.0 at logit_paddings[0, 2]")
     check_raises(xp, every._replace(logit_paddings=GOOD.logit_paddings), "label_paddings", "got 0.5 at label_paddings[0, 1]")
     check_raises(xp, GOOD._replace(labels=bad_labels, label_paddings=not_right_padded), "labels", "got 7 at labels[0, 1]")
+    # a dtype that paddings may not have comes after the values of the paddings before them
+    complex_paddings = np.zeros((B, N), dtype=np.complex128)
+    check_raises(xp, GOOD._replace(logit_paddings=bad_logit_paddings, label_paddings=complex_paddings), "logit_paddings", "got 2.0")
+    check_raises(xp, GOOD._replace(label_paddings=complex_paddings), "label_paddings", "dtype")
 
 
 def test_valid_values_are_read_once(xp, monkeypatch):

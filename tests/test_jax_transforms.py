@@ -133,6 +133,45 @@ def test_grad(jax_x64, function):
     np.testing.assert_allclose(np.asarray(gradient), expected, **TOLERANCE["gradient_float64"])
 
 
+def test_the_gradient_of_weakly_typed_logits_is_weakly_typed(jax_x64):
+    """Logits made from a Python float (``jnp.full(shape, 0.3)``) are weakly typed; their
+    gradient is too, as JAX's own functions' and optax's is, eager and under jit, so that it
+    takes a narrower array's dtype when added to one (a review found it strongly typed when
+    check_inputs skipped its astype for logits of the right dtype)."""
+    jax = jax_x64
+    problem = problem_for(205)
+    logits = jax.numpy.full(problem.logits.shape, 0.3)
+    assert jax.typeof(logits).weak_type
+    grad = jax.grad(lambda x: ctc_multi.ctc_loss(x, *problem[1:], blank_id=BLANK_ID).sum())
+    for gradient in (grad(logits), jax.jit(grad)(logits)):
+        assert jax.typeof(gradient).weak_type
+        assert (gradient + jax.numpy.ones(problem.logits.shape[-1], jax.numpy.bfloat16)).dtype == jax.numpy.bfloat16
+    expected = ctc_reference(np.full(problem.logits.shape, 0.3), *problem[1:], blank_id=BLANK_ID)[1]
+    np.testing.assert_allclose(np.asarray(gradient), expected, **TOLERANCE["gradient_float64"])
+
+
+def test_a_new_number_of_classes_compiles_no_new_input_check(jax_x64, monkeypatch):
+    """The value checks of eager calls are one compiled function of the labels and paddings;
+    the number of classes is traced, not static, so that logits with another K (same B, T and
+    N) compile no new check."""
+    jax = jax_x64
+    from ctc_multi import inputs
+
+    traced = []
+    check = inputs._masks_and_any_invalid_value
+
+    def counted(*arguments):
+        traced.append(1)  # runs once per compilation
+        return check(*arguments)
+
+    problem = problem_for(206)
+    monkeypatch.setattr(inputs, "_masks_and_any_invalid_value", counted)
+    for num_classes in (4, 5, 6):
+        logits = jax.numpy.zeros(problem.logits.shape[:2] + (num_classes,))
+        inputs.check_inputs(logits, *problem[1:], blank_id=BLANK_ID, log_epsilon=-1e5)
+    assert len(traced) == 1
+
+
 def test_jit_of_grad_and_vmap_of_grad(jax_x64):
     jax = jax_x64
     problems = [problem_for(seed) for seed in (205, 206)]
