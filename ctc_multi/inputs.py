@@ -226,7 +226,7 @@ def _padding_dtype_allowed(xp, paddings: Array) -> bool:
     return paddings.dtype == xp.bool or xp.isdtype(paddings.dtype, "integral") or xp.isdtype(paddings.dtype, "real floating")
 
 
-def _not_zero_or_one(xp, paddings: Array) -> Array:
+def _not_zero_or_one(paddings: Array) -> Array:
     return (paddings != 0) & (paddings != 1)
 
 
@@ -235,7 +235,7 @@ def _as_padding_mask(xp, name: str, paddings: Array, concrete: bool) -> Array:
         return paddings
     if not _padding_dtype_allowed(xp, paddings):
         raise ValueError(f"{name} must hold 0/1 values as bool, int or float; got dtype {paddings.dtype}")
-    if concrete and bool(xp.any(bad := _not_zero_or_one(xp, paddings))):
+    if concrete and bool(xp.any(bad := _not_zero_or_one(paddings))):
         raise ValueError(f"{name} must contain only 0 (valid) and 1 (padded){first_offender(name, bad, paddings)}")
     return paddings != 0
 
@@ -354,7 +354,7 @@ def _masks_and_any_invalid_value(xp, logit_paddings: Array, labels: Array, label
             masks.append(paddings)
         else:
             masks.append(paddings != 0)
-            invalid.append(xp.any(_not_zero_or_one(xp, paddings)))
+            invalid.append(xp.any(_not_zero_or_one(paddings)))
     invalid.append(xp.any(_invalid_labels(labels, masks[1], num_classes)))
     if labels.shape[1] > 1:
         invalid.append(xp.any(_label_after_padding(masks[1])))
