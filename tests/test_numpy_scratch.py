@@ -20,11 +20,18 @@ def address(array) -> int:
     return array.__array_interface__["data"][0]
 
 
+def kept() -> list:
+    """This thread's kept arrays."""
+    return getattr(numpy_backend._kept, "arrays", [])
+
+
 @pytest.fixture(autouse=True)
 def own_scratch(monkeypatch):
-    """Each test starts with this thread's kept arrays empty, and reuse on."""
+    """Each test starts with this thread's kept arrays let go, and reuse on; and ends so."""
     monkeypatch.setattr(numpy_backend, "REUSE_SCRATCH", True)
-    monkeypatch.setattr(numpy_backend._kept, "arrays", [], raising=False)
+    numpy_backend.release_scratch()
+    yield
+    numpy_backend.release_scratch()
 
 
 def test_an_array_is_handed_out_again_only_where_nothing_holds_it():
@@ -42,20 +49,42 @@ def test_an_array_is_handed_out_again_only_where_nothing_holds_it():
     assert address(numpy_backend._scratch(LARGE, np.float64)) not in (kept_address, held_address, address(fresh))
 
 
-def test_small_arrays_and_reuse_off_are_fresh(monkeypatch):
+def test_small_arrays_and_reuse_off_are_fresh_and_off_lets_go(monkeypatch):
     small = numpy_backend._scratch((8, 8), np.float32)
-    assert small.shape == (8, 8) and numpy_backend._kept.arrays == []
+    assert small.shape == (8, 8) and kept() == []
+    numpy_backend._scratch(LARGE, np.float32)
+    assert len(kept()) == 1
     monkeypatch.setattr(numpy_backend, "REUSE_SCRATCH", False)
     numpy_backend._scratch(LARGE, np.float32)
-    assert numpy_backend._kept.arrays == []
+    assert kept() == []  # switched off: what the thread kept is let go at its next call
+
+
+def test_release_scratch_lets_go_and_nothing_is_kept_without_reference_counts(monkeypatch):
+    numpy_backend._scratch(LARGE, np.float32)
+    numpy_backend.release_scratch()
+    assert kept() == []
+    monkeypatch.setattr(numpy_backend, "_HELD_BY_THE_LIST_ALONE", None)  # as where sys.getrefcount is missing (PyPy)
+    numpy_backend._scratch(LARGE, np.float32)
+    numpy_backend._scratch(LARGE, np.float32)
+    assert kept() == []
+
+
+def test_a_thread_keeps_at_most_scratch_max_bytes(monkeypatch):
+    monkeypatch.setattr(numpy_backend, "SCRATCH_MAX_BYTES", 5 << 20)
+    numpy_backend._scratch(LARGE, np.float32)  # 2 MB
+    numpy_backend._scratch((512, 1025), np.float32)  # 2 MB more: 4 MB kept
+    numpy_backend._scratch((512, 1026), np.float32)  # 6 MB: the first let go
+    assert [x.shape for x in kept()] == [(512, 1025), (512, 1026)]
+    numpy_backend._scratch((2048, 1024), np.float32)  # 8 MB alone: above the cap, not kept
+    assert [x.shape for x in kept()] == [(512, 1025), (512, 1026)]
 
 
 def test_each_thread_keeps_at_most_scratch_kept_arrays_of_its_own():
     arrays = [numpy_backend._scratch((512, 1024 + i), np.float32) for i in range(numpy_backend.SCRATCH_KEPT + 3)]
-    assert len(numpy_backend._kept.arrays) == numpy_backend.SCRATCH_KEPT
-    assert all(kept is array for kept, array in zip(numpy_backend._kept.arrays, arrays[3:]))
+    assert len(kept()) == numpy_backend.SCRATCH_KEPT
+    assert all(one is array for one, array in zip(kept(), arrays[3:]))
     in_thread = []
-    worker = threading.Thread(target=lambda: in_thread.append(list(getattr(numpy_backend._kept, "arrays", []))))
+    worker = threading.Thread(target=lambda: in_thread.append(list(kept())))
     worker.start()
     worker.join()
     assert in_thread == [[]]
@@ -75,14 +104,14 @@ def test_results_a_caller_keeps_are_never_written_over():
         lambda p: ctc_multi.forced_align(*p),
     )
     for call in calls:
-        kept = call(first)
-        copies = [np.array(x, copy=True) for x in kept]
+        results = call(first)
+        copies = [np.array(x, copy=True) for x in results]
         again = call(second)
-        for array, copy in zip(kept, copies):
+        for array, copy in zip(results, copies):
             np.testing.assert_array_equal(array, copy)
         for array, expected in zip(again, call(second)):
             np.testing.assert_array_equal(array, expected)
-    assert numpy_backend._kept.arrays  # the runs above did keep arrays
+    assert kept()  # the runs above did keep arrays
 
 
 def test_threads_at_once_get_their_own_results():

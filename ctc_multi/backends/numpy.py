@@ -39,16 +39,34 @@ def _output_buffer(y, length):
 # the occupancies) are kept after a call, for the next call of the same sizes in the same
 # thread. A fresh array of 1 MB or more costs a page fault per 4 kB page where glibc's malloc
 # has handed the freed memory back to the system, which it does after each call of these
-# sizes: ctc_loss_and_grad on `char` 85 -> 69 ms, 4041 -> 975 faults a call, with the
-# emissions kept; on `long` 166 -> 142 ms with the scans' outputs kept (scratch scripts,
-# medians of 15 calls, README, Performance). Each thread keeps at most SCRATCH_KEPT arrays
-# (up to about 90 MB on `long`), and an array is handed out again only where nothing else
-# holds it or a view of it (its reference count): a result or anything a caller keeps is never
-# written over. False: a fresh array each time.
+# sizes: ctc_loss_and_grad on `char` 86 -> 66 ms and on `long` 168 -> 143 ms with them kept,
+# 0 faults a call instead of 3523 and 4310 (README, Performance). Each thread keeps at most
+# SCRATCH_KEPT arrays and SCRATCH_MAX_BYTES in all (about 90 MB on `long`), and an array is
+# handed out again only where nothing else holds it or a view of it (its reference count): a
+# result or anything a caller keeps is never written over. False: a fresh array each time,
+# and a thread's kept arrays are let go at its next call (now: :func:`release_scratch`).
+# Where the interpreter counts no references (PyPy), nothing is kept.
 REUSE_SCRATCH = True
 SCRATCH_KEPT = 4
+SCRATCH_MAX_BYTES = 1 << 27
 SCRATCH_MIN_BYTES = 1 << 20
 _kept = threading.local()
+_getrefcount = getattr(sys, "getrefcount", None)
+
+
+def _references(arrays: list, index: int) -> int:
+    return _getrefcount(arrays[index])
+
+
+# What that count is where only the list holds the object (2 on CPython 3.11: the list's and
+# getrefcount's argument), measured rather than assumed, as interpreters change what a call
+# counts (CPython 3.14 borrows some references).
+_HELD_BY_THE_LIST_ALONE = _references([object()], 0) if _getrefcount is not None else None
+
+
+def release_scratch() -> None:
+    """Let go of the scratch arrays this thread keeps (:data:`REUSE_SCRATCH`)."""
+    _kept.__dict__.pop("arrays", None)
 
 
 def _scratch(shape, dtype):
@@ -57,18 +75,23 @@ def _scratch(shape, dtype):
     import numpy as np
 
     shape, dtype = tuple(int(n) for n in shape), np.dtype(dtype)
-    if not REUSE_SCRATCH or math.prod(shape) * dtype.itemsize < SCRATCH_MIN_BYTES:
+    size = math.prod(shape) * dtype.itemsize
+    if not REUSE_SCRATCH or _HELD_BY_THE_LIST_ALONE is None:
+        release_scratch()
+        return np.empty(shape, dtype=dtype)
+    if size < SCRATCH_MIN_BYTES:
         return np.empty(shape, dtype=dtype)
     kept = _kept.__dict__.setdefault("arrays", [])  # this thread's, the latest handed out last
     for index in range(len(kept)):
-        # two references: the list's and getrefcount's argument; any other is a holder
-        if kept[index].shape == shape and kept[index].dtype == dtype and sys.getrefcount(kept[index]) == 2:
+        if kept[index].shape == shape and kept[index].dtype == dtype and _references(kept, index) == _HELD_BY_THE_LIST_ALONE:
             array = kept.pop(index)
             break
     else:
         array = np.empty(shape, dtype=dtype)
-        del kept[: max(0, len(kept) - SCRATCH_KEPT + 1)]
-    kept.append(array)
+    if size <= SCRATCH_MAX_BYTES:
+        kept.append(array)
+    while len(kept) > SCRATCH_KEPT or sum(x.nbytes for x in kept) > SCRATCH_MAX_BYTES:
+        del kept[0]  # the one handed out longest ago
     return array
 
 
