@@ -467,3 +467,22 @@ def test_targets_heading_says_so_when_no_target_is_on_the_chosen_shapes():
     runner = load_runner()
     text = runner.targets_text(runner.check_targets([], "cpu"))
     assert text.splitlines()[1].strip().startswith("none on these shapes"), text
+
+
+def test_faults_times_numpy_alone_with_its_scratch_kept_or_fresh(capsys):
+    """benchmarks/faults.py: one line per shape, its setting named; --fresh switches the reuse off
+    for the run (and the switch is what the run leaves)."""
+    from ctc_multi.backends import numpy as numpy_backend
+
+    faults = load_beside_runner("faults.py")
+    saved = numpy_backend.REUSE_SCRATCH
+    try:
+        assert faults.main(["--shapes", "small", "--calls", "1", "--fresh"]) == 0
+        assert numpy_backend.REUSE_SCRATCH is False
+        assert faults.main(["--shapes", "small", "--calls", "1"]) == 0
+        assert numpy_backend.REUSE_SCRATCH is True
+    finally:
+        numpy_backend.REUSE_SCRATCH = saved
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[:3] for line in lines] == [["small", "scratch", "fresh"], ["small", "scratch", "kept"]]
+    assert all(line.endswith("page faults a call") for line in lines)

@@ -39,8 +39,9 @@ def _output_buffer(y, length):
 # the occupancies) are kept after a call, for the next call of the same sizes in the same
 # thread. A fresh array of 1 MB or more costs a page fault per 4 kB page where glibc's malloc
 # has handed the freed memory back to the system, which it does after each call of these
-# sizes: ctc_loss_and_grad on `char` 86 -> 66 ms and on `long` 168 -> 143 ms with them kept,
-# 0 faults a call instead of 3523 and 4310 (README, Performance). Each thread keeps at most
+# sizes: ctc_loss_and_grad on `char` 89 -> 68 ms and on `long` 175 -> 146 ms with them kept,
+# 0 faults a call instead of about 3500 and 3900 (`python benchmarks/faults.py [--fresh]`;
+# README, Performance). Each thread keeps at most
 # SCRATCH_KEPT arrays and SCRATCH_MAX_BYTES in all (about 90 MB on `long`), and an array is
 # handed out again only where nothing else holds it or a view of it (its reference count): a
 # result or anything a caller keeps is never written over. False: a fresh array each time,
